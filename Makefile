@@ -1,5 +1,5 @@
 # anita: two commands on a fresh machine
-#   make demo   install into .venv, then run the recipe at tiny scale on the embedded model (CPU, no Hub)
+#   make demo   install into .venv, then run the whole recipe at tiny scale on the embedded model (CPU, no Hub)
 #   make test   install into .venv, then check notebooks/exports and run all tests
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -30,9 +30,8 @@ $(VENV)/.installed: settings.ini setup.py
 	touch $@
 
 demo: install
-	@mkdir -p runs/demo
-	time $(BIN)/papermill --cwd nbs nbs/01_data.ipynb runs/demo/01_data.ipynb -p run demo -p root "$(CURDIR)/runs"
-	@echo "demo outputs: runs/demo/01_data/"; ls runs/demo/01_data
+	time $(BIN)/anita-run --recipe tiny --run demo
+	@echo "report: runs/demo/report.md (and report.html)"
 
 # anita/ must be what nbs/ exports, and notebooks must be clean (no outputs, counts or stray metadata)
 check-sync: install

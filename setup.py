@@ -38,7 +38,7 @@ setuptools.setup(
     url = cfg['git_url'],
     packages = setuptools.find_packages(include=['anita', 'anita.*']),
     include_package_data = True,
-    package_data = {'anita': ['samples/*', 'samples/**/*', 'recipes/*', 'evaltasks/**/*', 'paper/*']},
+    package_data = {'anita': ['samples/*', 'samples/**/*', 'recipes/*', 'evaltasks/*', 'evaltasks/**/*', 'paper/*']},
     install_requires = requirements,
     extras_require = extras,
     dependency_links = cfg.get('dep_links','').split(),
