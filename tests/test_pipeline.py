@@ -1,0 +1,233 @@
+"Integration tests of `anita.pipeline` (anita-run) on small fake step notebooks: skip, rerun downstream, kill/resume, bad input."
+import json, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+import pytest
+from anita.core import read_json
+from anita.pipeline import (RecipeError, StepError, load_recipe, run_recipe, apply_sets, check_recipe_params, run_lock,
+                            list_steps, main, notebook_params, write_report)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+def fake_nb(path, params, body, extra=()):
+    "A notebook with a `parameters` cell, one code cell, and `extra` code cells."
+    cells = [dict(id="params", cell_type="code", metadata=dict(tags=["parameters"]), source=textwrap.dedent(params).strip(),
+                  execution_count=None, outputs=[]),
+             dict(id="body", cell_type="code", metadata={}, source=textwrap.dedent(body).strip(), execution_count=None, outputs=[])]
+    cells += [dict(id=f"extra{i}", cell_type="code", metadata={}, source=src, execution_count=None, outputs=[])
+              for i, src in enumerate(extra)]
+    nb = dict(cells=cells, metadata=dict(kernelspec=dict(name="python3", display_name="Python 3", language="python")),
+              nbformat=4, nbformat_minor=5)
+    Path(path).write_text(json.dumps(nb))
+
+RECIPE = """\
+name: fake
+nbs_dir: .
+steps:
+  data:
+    notebook: 01_data.ipynb
+    params: {n: 3}
+  train:
+    notebook: 02_train.ipynb
+    params: {data_dir: "{root}/{run}/01_data", steps: 4, sleep: 0.0}
+  eval:
+    notebook: 03_eval.ipynb
+    params: {model: "{root}/{run}/02_train"}
+"""
+
+@pytest.fixture
+def fake(tmp_path):
+    "Three chained fake steps: data writes rows, train 'trains' with a checkpoint per step (resumable), eval reads the model."
+    d = tmp_path/"nbs"; d.mkdir()
+    fake_nb(d/"01_data.ipynb", 'run = "nbtest"\nroot = "runs"\nn = 2', '''
+        from anita.core import run_dir, step_manifest, write_json
+        sd = run_dir(run, "01_data", root)
+        with step_manifest(sd, "01_data", dict(n=n)) as outs:
+            outs.append(write_json(sd/"report.json", dict(rows=n, counts=dict(kept=n, dropped=0))))''',
+        extra=["#| cuda\nraise SystemError('a GPU demo cell must not run in the pipeline')", "#| eval: false\nraise SystemError"])
+    fake_nb(d/"02_train.ipynb", 'run = "nbtest"\nroot = "runs"\ndata_dir = None\nsteps = 2\nsleep = 0.0', '''
+        import time
+        from anita.core import run_dir, step_manifest, write_json, read_json
+        sd = run_dir(run, "02_train", root)
+        ck = sd/"checkpoint.json"
+        with step_manifest(sd, "02_train", dict(steps=steps), inputs=dict(data=data_dir)) as outs:
+            rows = read_json(f"{data_dir}/report.json")["rows"]
+            start = read_json(ck)["step"] if ck.exists() else 0
+            for i in range(start, steps):
+                time.sleep(sleep)
+                write_json(ck, dict(step=i+1))
+            log = [dict(step=i+1, loss=2.0/(i+1), tokens_per_s=100.0) for i in range(steps)]
+            outs.append(write_json(sd/"train_log.json", log))
+            outs.append(write_json(sd/"report.json", dict(steps_done=read_json(ck)["step"], resumed_from=start, rows=rows)))''')
+    fake_nb(d/"03_eval.ipynb", 'run = "nbtest"\nroot = "runs"\nmodel = None', '''
+        from anita.core import run_dir, step_manifest, write_json, read_json
+        sd = run_dir(run, "03_eval", root)
+        with step_manifest(sd, "03_eval", inputs=dict(model=model)) as outs:
+            r = read_json(f"{model}/report.json")
+            (sd/"table.md").write_text(f"| task | acc |\\n|---|---|\\n| fake | {r['steps_done']/10} |\\n")
+            outs += [sd/"table.md", write_json(sd/"report.json", dict(acc=r["steps_done"]/10))]''')
+    fake_nb(d/"09_boom.ipynb", 'run = "nbtest"\nroot = "runs"', '''
+        from anita.core import run_dir, step_manifest
+        with step_manifest(run_dir(run, "09_boom", root), "09_boom"): raise ValueError("boom: bad row 7")''')
+    fake_nb(d/"10_die.ipynb", 'run = "nbtest"\nroot = "runs"', '''
+        import os, signal
+        from anita.core import run_dir, step_manifest
+        with step_manifest(run_dir(run, "10_die", root), "10_die"): os.kill(os.getpid(), signal.SIGKILL)  # like the OOM killer''')
+    (d/"recipe.yaml").write_text(RECIPE)
+    return d
+
+def _run(fake, tmp_path, **kw):
+    return run_recipe(fake/"recipe.yaml", run="r", root=tmp_path/"runs", progress=False, log=lambda s: None, **kw)
+
+def _mtime(p): return Path(p).stat().st_mtime_ns
+
+def test_skip_then_rerun_changed_step_and_downstream(fake, tmp_path):
+    rd = tmp_path/"runs"/"r"
+    assert _run(fake, tmp_path) == dict(data="ran", train="ran", eval="ran")
+    for s in ("01_data", "02_train", "03_eval"):
+        m = read_json(rd/s/"manifest.json")
+        assert m["status"] == "completed" and m["pipeline"]["fingerprint"].startswith("sha256:")
+        assert (rd/f"{s}.ipynb").exists() and (rd/"logs"/f"{s}.log").exists()
+    assert read_json(rd/"01_data/report.json")["rows"] == 3            # recipe value injected over the notebook default
+    assert "GPU demo" not in (rd/"01_data.ipynb").read_text()          # cells flagged cuda / eval: false left out
+    assert read_json(rd/"02_train/report.json")["steps_done"] == 4
+    assert "| fake | 0.4 |" in (rd/"03_eval/table.md").read_text()
+    assert sorted(p.name for p in fake.iterdir()) == \
+        ["01_data.ipynb", "02_train.ipynb", "03_eval.ipynb", "09_boom.ipynb", "10_die.ipynb", "recipe.yaml"]   # nothing written into nbs/
+    before = {s: _mtime(rd/f"{s}.ipynb") for s in ("01_data", "02_train", "03_eval")}
+    t0 = time.time()
+    assert _run(fake, tmp_path) == dict(data="skipped", train="skipped", eval="skipped")
+    assert time.time() - t0 < 30 and {s: _mtime(rd/f"{s}.ipynb") for s in before} == before
+    # a parameter change reruns that step and the ones after it, not the ones before
+    assert _run(fake, tmp_path, sets=["train.steps=5"]) == dict(data="skipped", train="ran", eval="ran")
+    assert _mtime(rd/"01_data.ipynb") == before["01_data"]
+    assert read_json(rd/"02_train/manifest.json")["params"] == {"steps": 5}
+    assert "| fake | 0.5 |" in (rd/"03_eval/table.md").read_text()
+    assert _run(fake, tmp_path, sets=["train.steps=5"]) == dict(data="skipped", train="skipped", eval="skipped")
+    # --force reruns the selected step; its new manifest makes the next step stale
+    assert _run(fake, tmp_path, sets=["train.steps=5"], steps="data", force=True) == dict(data="ran")
+    assert _run(fake, tmp_path, sets=["train.steps=5"]) == dict(data="skipped", train="ran", eval="ran")
+    rep = (rd/"report.md").read_text()
+    for s in ("[02_train.ipynb](02_train.ipynb)", "| completed |", "loss (first → last logged) | 2 → 0.4 over 5 logs (down)",
+              "| fake | 0.5 |", "counts.kept | 3", "[log](logs/03_eval.log)", "## Recipe"):
+        assert s in rep, s
+    assert "<table>" in (rd/"report.html").read_text()
+
+def _cli(fake, tmp_path, *args):
+    return subprocess.Popen([sys.executable, "-m", "anita.pipeline", "--recipe", str(fake/"recipe.yaml"), "--run", "r",
+                             "--root", str(tmp_path/"runs"), "--no-progress", *args], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+def _wait_ckpt(p, ck, at_least, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if ck.exists():
+            try:
+                if read_json(ck)["step"] >= at_least: return
+            except ValueError: pass
+        assert p.poll() is None, p.communicate()[0]
+        time.sleep(0.2)
+    raise AssertionError("the training step never checkpointed")
+
+def test_kill_during_training_then_resume(fake, tmp_path):
+    rd = tmp_path/"runs"/"r"; ck = rd/"02_train"/"checkpoint.json"
+    slow = ["--set", "train.steps=12", "--set", "train.sleep=0.5"]
+    # 1. SIGTERM (Slurm preemption, scancel): the step is marked failed, with exit status 143
+    p = _cli(fake, tmp_path, *slow)
+    _wait_ckpt(p, ck, 2)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 143, out
+    m = read_json(rd/"02_train/manifest.json")
+    assert m["status"] == "failed" and not (rd/"02_train/report.json").exists()
+    assert read_json(rd/"pipeline.json")["steps"]["02_train"]["status"] == "failed"
+    # 2. SIGKILL of the whole process group (kernel included) mid-step: the manifest stays `running`, never `completed`
+    p = _cli(fake, tmp_path, *slow)
+    k0 = read_json(ck)["step"]
+    _wait_ckpt(p, ck, k0 + 2)
+    os.killpg(p.pid, signal.SIGKILL); p.communicate(timeout=30)
+    assert read_json(rd/"02_train/manifest.json")["status"] == "running"
+    assert not (rd/"02_train/report.json").exists() and not (rd/"03_eval").exists()
+    # 3. the next run resumes the step from its checkpoint and completes the chain with consistent outputs
+    res = run_recipe(fake/"recipe.yaml", run="r", root=tmp_path/"runs", progress=False, log=lambda s: None,
+                     sets=["train.steps=12", "train.sleep=0.5"])
+    assert res == dict(data="skipped", train="ran", eval="ran")
+    r = read_json(rd/"02_train/report.json")
+    assert r["steps_done"] == 12 and r["resumed_from"] >= k0 + 2
+    assert read_json(rd/"02_train/manifest.json")["status"] == "completed"
+    assert "| fake | 1.2 |" in (rd/"03_eval/table.md").read_text()
+    # with other parameters the step starts afresh (its folder is cleared), never from the old checkpoint
+    run_recipe(fake/"recipe.yaml", run="r", root=tmp_path/"runs", progress=False, log=lambda s: None, steps="data,train",
+               sets=["train.steps=3", "train.sleep=0.0"])
+    assert read_json(rd/"02_train/report.json") | {"rows": 3} == dict(steps_done=3, resumed_from=0, rows=3)
+
+def test_notebook_that_raises(fake, tmp_path):
+    (fake/"boom.yaml").write_text("nbs_dir: .\nsteps:\n  boom: {notebook: 09_boom.ipynb}\n")
+    with pytest.raises(StepError) as e:
+        run_recipe(fake/"boom.yaml", run="b", root=tmp_path/"runs", progress=False, log=lambda s: None)
+    ex = tmp_path/"runs"/"b"/"09_boom.ipynb"
+    assert "ValueError: boom: bad row 7" in str(e.value) and str(ex) in str(e.value)
+    assert ex.exists() and "boom: bad row 7" in ex.read_text()
+    m = read_json(tmp_path/"runs/b/09_boom/manifest.json")
+    assert m["status"] == "failed" and "bad row 7" in m["error"]
+    assert main(["--recipe", str(fake/"boom.yaml"), "--run", "b", "--root", str(tmp_path/"runs"), "--no-progress"]) == 1
+    # a kernel that dies (killed for memory) is a failed step too, never left `running`
+    (fake/"die.yaml").write_text("nbs_dir: .\nsteps:\n  die: {notebook: 10_die.ipynb}\n")
+    with pytest.raises(StepError, match="(?s)step 'die' failed: DeadKernelError.*executed notebook: .*10_die.ipynb"):
+        run_recipe(fake/"die.yaml", run="b", root=tmp_path/"runs", progress=False, log=lambda s: None)
+    assert read_json(tmp_path/"runs/b/10_die/manifest.json")["status"] == "failed"
+
+def test_bad_inputs(fake, tmp_path):
+    y = fake/"recipe.yaml"
+    with pytest.raises(RecipeError, match="unknown step 'sftt'"): _run(fake, tmp_path, steps="data,sftt")
+    with pytest.raises(RecipeError, match="unknown step 'sftt'"): _run(fake, tmp_path, sets=["sftt.steps=2"])
+    with pytest.raises(RecipeError, match=r"--set train.steps: expected int, got str 'many'"): _run(fake, tmp_path, sets=["train.steps=many"])
+    with pytest.raises(RecipeError, match=r"--set train.sleep: expected float, got bool"): _run(fake, tmp_path, sets=["train.sleep=true"])
+    with pytest.raises(RecipeError, match=r"02_train.ipynb has no parameter 'lr'.*data_dir, steps, sleep"):
+        _run(fake, tmp_path, sets=["train.lr=0.1"])
+    with pytest.raises(RecipeError, match="STEP.PARAM=VALUE"): _run(fake, tmp_path, sets=["steps=3"])
+    (fake/"bad_key.yaml").write_text(RECIPE + "stages: {}\n")
+    with pytest.raises(RecipeError, match="bad_key.yaml: unknown recipe key 'stages'"): load_recipe(fake/"bad_key.yaml")
+    (fake/"bad_step_key.yaml").write_text(RECIPE.replace("params: {n: 3}", "parms: {n: 3}"))
+    with pytest.raises(RecipeError, match="step 'data': unknown key 'parms'"): load_recipe(fake/"bad_step_key.yaml")
+    (fake/"bad_type.yaml").write_text(RECIPE.replace("steps: 4", "steps: four"))
+    with pytest.raises(RecipeError, match=r"bad_type.yaml: train.steps: expected int, got str 'four'"):
+        run_recipe(fake/"bad_type.yaml", run="r", root=tmp_path/"runs", log=lambda s: None)
+    (fake/"bad_param.yaml").write_text(RECIPE.replace("steps: 4", "stepz: 4"))
+    with pytest.raises(RecipeError, match="02_train.ipynb has no parameter 'stepz'"):
+        run_recipe(fake/"bad_param.yaml", run="r", root=tmp_path/"runs", log=lambda s: None)
+    (fake/"missing.yaml").write_text(RECIPE.replace("03_eval.ipynb", "03_evl.ipynb"))
+    with pytest.raises(FileNotFoundError, match="03_evl.ipynb: notebook of step 'eval' not found"):
+        run_recipe(fake/"missing.yaml", run="r", root=tmp_path/"runs", log=lambda s: None)
+    with pytest.raises(FileNotFoundError, match="known recipes are"): load_recipe("no-such-recipe")
+    # a step whose previous step never completed refuses to start
+    with pytest.raises(StepError, match="step 'train' needs step 'data' completed first"): _run(fake, tmp_path, steps="train")
+    assert not (tmp_path/"runs"/"r"/"02_train.ipynb").exists()
+    # the CLI turns bad input into exit status 2 with the message on stderr
+    assert main(["--recipe", str(y), "--run", "r", "--root", str(tmp_path/"runs"), "--steps", "nope"]) == 2
+
+def test_lock_and_dry_run(fake, tmp_path):
+    rd = tmp_path/"runs"/"r"
+    with run_lock(rd):
+        with pytest.raises(RuntimeError, match="in use by another anita-run"): _run(fake, tmp_path)
+    logs = []
+    assert run_recipe(fake/"recipe.yaml", run="r", root=tmp_path/"runs", dry_run=True, log=logs.append) == \
+        dict(data="would run", train="would run", eval="would run")
+    assert not (rd/"01_data.ipynb").exists() and any("[2/3] train" in l for l in logs)
+
+def test_set_coercion(fake):
+    r = apply_sets(load_recipe(fake/"recipe.yaml"), ["train.sleep=1", "train.data_dir=123", "data.n=7"])
+    assert r["steps"]["train"]["params"]["sleep"] == 1      # an int is fine for a float parameter
+    assert r["steps"]["train"]["params"]["data_dir"] == 123      # None default: any type, parsed as YAML
+    assert r["steps"]["data"]["params"]["n"] == 7
+    assert notebook_params(fake/"02_train.ipynb") == dict(run=str, root=str, data_dir=None, steps=int, sleep=float)
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_shipped_recipes(name):
+    r = load_recipe(name)
+    assert list(r["steps"]) == ["data", "sft", "dpo", "ita", "eval"]
+    assert [s["dir"] for s in r["steps"].values()] == ["01_data", "02_sft", "03_dpo", "04_ita", "05_eval"]
+    assert len(list_steps(r).splitlines()) == 5
+    nbs = ROOT/"nbs"
+    present = [n for n, s in r["steps"].items() if (nbs/s["notebook"]).exists()]
+    if not present: pytest.skip("step notebooks not written yet")
+    check_recipe_params(load_recipe(name, nbs), present)   # the recipe's params exist in the notebooks, with their types
