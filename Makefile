@@ -49,7 +49,7 @@ pytest: install
 test: check-sync nbtest pytest
 
 export: install
-	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+	$(BIN)/nbdev_clean && $(BIN)/nbdev_export
 
 lab: install
 	$(BIN)/jupyter lab --ip 127.0.0.1 nbs
