@@ -21,6 +21,12 @@ def _data(kind, tok, **kw):
     out = dict(sft=data.prepare_sft, dpo=data.prepare_dpo, ita=data.prepare_ita)[kind](str(data.sample_path(kind)), tok, **kw)
     return out[0] if isinstance(out, tuple) else out
 
+def _ids(tok):
+    "BOS and end-of-turn ids of the tiny Llama-3 tokenizer: 128000/128009 with the real tokenizer.model, other ids with the stand-in."
+    bos, eot = tok.bos_token_id, tok.convert_tokens_to_ids("<|eot_id|>")
+    if len(tok) == 128256: assert (bos, eot) == (128000, 128009)
+    return bos, eot
+
 def _trained(tok, row):
     return tok.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != -100])
 
@@ -40,8 +46,9 @@ def test_completion_only_mask(which, tiny_llama3_dir, embedded_dir):
     assert tok.decode(row["input_ids"][:n_prompt]).endswith(header)  # role headers not trained
     assert S.token_checks(tds, tok) == dict(examples=1, doubled_bos=0, not_one_eot=0)
     if which == "llama3":
-        assert row["input_ids"][:2] == [128000, tds[0]["input_ids"][1]] and row["input_ids"][1] != 128000
-        assert row["input_ids"].count(128000) == 1 and row["labels"].count(128009) == 1
+        bos, eot_id = _ids(tok)
+        assert row["input_ids"][0] == bos and row["input_ids"][1] != bos
+        assert row["input_ids"].count(bos) == 1 and row["labels"].count(eot_id) == 1
 
 def test_sample_tokens_llama3(tiny_llama3_dir):
     "The data step's SFT rows (BOS string in the prompt, EOT string after the answer) give one BOS and one trained EOT."
@@ -50,11 +57,12 @@ def test_sample_tokens_llama3(tiny_llama3_dir):
     ds = _data("sft", tok)
     tds, rep = S.tokenize_lm(ds, tok, max_length=4096)
     assert S.token_checks(tds, tok) == dict(examples=len(ds), doubled_bos=0, not_one_eot=0)
-    assert all(r[0] == 128000 and r[1] != 128000 for r in tds["input_ids"])
+    bos, _ = _ids(tok)
+    assert all(r[0] == bos and r[1] != bos for r in tds["input_ids"])
     # a doubled BOS in the text, or none, still gives exactly one
     d2 = Dataset.from_dict(dict(prompt=["<|begin_of_text|><|begin_of_text|>Hi", "Hi"], completion=["Yo", "Yo<|eot_id|><|eot_id|>"]))
     t2, _ = S.tokenize_lm(d2, tok, max_length=64)
-    assert [r[:2] for r in t2["input_ids"]] == [[128000, t2[0]["input_ids"][1]]]*2 and t2[0]["input_ids"][1] != 128000
+    assert [r[:2] for r in t2["input_ids"]] == [[bos, t2[0]["input_ids"][1]]]*2 and t2[0]["input_ids"][1] != bos
     assert S.token_checks(t2, tok)["not_one_eot"] == 0
 
 def test_bad_input(embedded_dir):
@@ -77,18 +85,21 @@ def test_packing_no_cross_contamination(tiny_llama3_dir):
     tok = _tok(tiny_llama3_dir)
     m, _ = S.load_for_training(tiny_llama3_dir, "cpu", lora=dict(r=4))
     m.train()   # training mode, as in the trainer (dropout 0)
-    a, b = [128000, 791, 4062, 14198, 128009], [128000, 9906, 1917, 128009]
+    bos, eot = _ids(tok)
+    words = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    a, b = [bos, *words("The quick brown"), eot], [bos, *words("Hello world"), eot]
+    if len(tok) == 128256: assert (a, b) == ([128000, 791, 4062, 14198, 128009], [128000, 9906, 1917, 128009])
     coll = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)
     batch = coll([dict(input_ids=a), dict(input_ids=b)])
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert batch["position_ids"].tolist() == [list(range(len(a))) + list(range(len(b)))]
     with torch.no_grad():
         packed = m(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
         la, lb = m(input_ids=torch.tensor([a])).logits[0], m(input_ids=torch.tensor([b])).logits[0]
         naive = m(input_ids=batch["input_ids"]).logits[0]   # without position ids: b attends to a
         cached = m(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=True).logits[0]
-    assert torch.allclose(packed[:5], la, atol=1e-5) and torch.allclose(packed[5:], lb, atol=1e-5)
-    assert not torch.allclose(naive[5:], lb, atol=1e-3)
-    assert not torch.allclose(cached[5:], lb, atol=1e-3)  # why load_for_training turns use_cache off
+    assert torch.allclose(packed[:len(a)], la, atol=1e-5) and torch.allclose(packed[len(a):], lb, atol=1e-5)
+    assert not torch.allclose(naive[len(a):], lb, atol=1e-3)
+    assert not torch.allclose(cached[len(a):], lb, atol=1e-3)  # why load_for_training turns use_cache off
     tds, _ = S.tokenize_lm(_data("sft", tok), tok, max_length=512)
     st = S.batch_stats(tds, tok, 512, 4)
     assert st["packed"]["mean"] >= 0.98 and st["packed"]["min"] >= 0.98
@@ -116,7 +127,7 @@ def test_chain_tiny_llama3(tiny_llama3_dir, tmp_path):
     assert "base_model:" in (tmp_path/"02_sft"/"README.md").read_text()
     assert len(rep["generations"]) == len(S.GEN_PROMPTS)
     # merge: merged weights == base + adapter
-    x = torch.tensor([[128000, 791, 4062, 14198]])
+    x = torch.tensor([[_ids(tok)[0], *tok("The quick brown", add_special_tokens=False)["input_ids"]]])
     base = AutoModelForCausalLM.from_pretrained(tiny_llama3_dir, dtype=torch.float32)
     with torch.no_grad():
         want = PeftModel.from_pretrained(base, r1["adapter"]).eval()(x).logits
