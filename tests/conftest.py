@@ -32,3 +32,9 @@ def shared_data():
     d = SHARED/"data"
     if not d.exists(): pytest.skip("../shared/data not present")
     return d
+
+def execute_notebook(name:str, root, **params):
+    "Run `nbs/<name>.ipynb` with papermill (cwd `nbs/`) into `root/<name>.out.ipynb`, outputs under `root/<run>/`."
+    pm = pytest.importorskip("papermill")
+    return pm.execute_notebook(str(ROOT/"nbs"/f"{name}.ipynb"), str(Path(root)/f"{name}.out.ipynb"), cwd=str(ROOT/"nbs"),
+                               parameters=dict(root=str(root), **params), progress_bar=False)

@@ -1,16 +1,13 @@
 "RAG notebook (06_rag) end to end with papermill at tiny scale, plus the bad-input errors of `anita.rag`."
 import json
-from pathlib import Path
 import pytest
+from conftest import execute_notebook
 
-ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def rag_run(tmp_path_factory):
-    pm = pytest.importorskip("papermill")
     root = tmp_path_factory.mktemp("runs")
-    pm.execute_notebook(str(ROOT/"nbs"/"06_rag.ipynb"), str(root/"06_rag.out.ipynb"), cwd=str(ROOT/"nbs"),
-                        parameters=dict(root=str(root), run="t", n_answers=1, max_new_tokens=16), progress_bar=False)
+    execute_notebook("06_rag", root, run="t", n_answers=1, max_new_tokens=16)
     return root/"t"/"06_rag"
 
 def test_rag_outputs(rag_run):
@@ -59,5 +56,4 @@ def test_rag_notebook_bad_docs_param(tmp_path):
     "A missing documents folder passed as a papermill parameter fails the notebook with an error naming it."
     pm = pytest.importorskip("papermill")
     with pytest.raises(pm.PapermillExecutionError, match="no_such_docs"):
-        pm.execute_notebook(str(ROOT/"nbs"/"06_rag.ipynb"), str(tmp_path/"out.ipynb"), cwd=str(ROOT/"nbs"), progress_bar=False,
-                            parameters=dict(root=str(tmp_path), run="bad", docs=str(tmp_path/"no_such_docs")))
+        execute_notebook("06_rag", tmp_path, run="bad", docs=str(tmp_path/"no_such_docs"))

@@ -2,15 +2,14 @@
 import json
 from pathlib import Path
 import pytest
+from conftest import execute_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def topics_run(tmp_path_factory):
-    pm = pytest.importorskip("papermill")
     root = tmp_path_factory.mktemp("runs")
-    pm.execute_notebook(str(ROOT/"nbs"/"07_topics.ipynb"), str(root/"07_topics.out.ipynb"), cwd=str(ROOT/"nbs"),
-                        parameters=dict(root=str(root), run="t", max_new_tokens=10, n_label_docs=1), progress_bar=False)
+    execute_notebook("07_topics", root, run="t", max_new_tokens=10, n_label_docs=1)
     return root/"t"/"07_topics"
 
 def test_topics_outputs(topics_run):
