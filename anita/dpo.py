@@ -5,11 +5,12 @@
 # %% ../nbs/03_dpo.ipynb #a481ad51
 from __future__ import annotations
 from pathlib import Path
-from .sft import (SFT_PAPER, AnitaTrainerMixin, fit, train_args, _adds_bos, load_step_data, loss_table)
+from .sft import (SFT_PAPER, AnitaTrainerMixin, fit, train_args, _adds_bos, load_step_data, loss_table, batch_plan,
+                       plan_text, world_size, prepare_backend, ensure_logprob_kernel)
 from .core import run_dir, step_manifest, read_json
 
 # %% auto #0
-__all__ = ['DPO_PAPER', 'check_pairs', 'cut_prompts', 'train_dpo']
+__all__ = ['DPO_PAPER', 'check_pairs', 'cut_prompts', 'drop_ref_adapter', 'train_dpo']
 
 # %% ../nbs/03_dpo.ipynb #8412272b
 DPO_PAPER = {**SFT_PAPER, **dict(lora_r=64, lora_alpha=16, use_rslora=True, beta=0.1, max_length=1024, max_prompt_length=512,
@@ -50,14 +51,23 @@ def cut_prompts(tds, tok, max_prompt_length:int, max_length:int):
     return tds.remove_columns("prompt_ids").add_column("prompt_ids", prompts), rep
 
 # %% ../nbs/03_dpo.ipynb #e723a9a3
-def _dpo_trainer(m, tok, dataset, ckpt_dir, backend, max_length, o, peft_config=None):
+def drop_ref_adapter(model) -> bool:
+    "Remove the `ref` adapter TRL adds to a model that came with its own adapter: the reference becomes the adapter-disabled model."
+    cfg = getattr(model, "peft_config", {})
+    if "ref" not in cfg: return False
+    model.delete_adapter("ref"); model.set_adapter("default")
+    return True
+
+def _dpo_trainer(m, tok, dataset, ckpt_dir, backend, max_length, o):
     from trl import DPOConfig, DPOTrainer
+    ensure_logprob_kernel()
     beta, mpl = o.pop("beta", 0.1), o.pop("max_prompt_length", 512)
-    o.pop("packing", None); o.pop("completion_only", None)
+    for k in ("packing", "completion_only", "tokens_per_step", "micro_batch_tokens"): o.pop(k, None)
     ds = check_pairs(dataset, tok)
     args = train_args(DPOConfig, ckpt_dir, backend, **o, beta=beta, max_length=max_length, truncation_mode="keep_start")
     cls = type("AnitaDPOTrainer", (AnitaTrainerMixin, DPOTrainer), {})
-    tr = cls(model=m, ref_model=None, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config)
+    tr = cls(model=m, ref_model=None, args=args, train_dataset=ds, processing_class=tok)
+    drop_ref_adapter(tr.model)
     tr.train_dataset, rep = cut_prompts(tr.train_dataset, tok, mpl, max_length)
     cols = tr.train_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_dict()
     pairs = [(len(p), len(c), len(r)) for p, c, r in zip(cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"])]
@@ -68,8 +78,10 @@ def _dpo_trainer(m, tok, dataset, ckpt_dir, backend, max_length, o, peft_config=
     rep["batches"] = dict(padded=dict(mean=round(sum(fr)/len(fr), 4), min=round(min(fr), 4), batches=len(fr)))
     rep["token_checks"] = dict(doubled_bos=rep["doubled_bos"], not_one_eot=rep["not_one_eot"])
     if rep["doubled_bos"]: raise ValueError(f"doubled BOS in {rep['doubled_bos']} DPO prompts")
+    rep["plan"] = batch_plan([min(p + max(c, r), max_length) for p, c, r in pairs], bs, o.get("grad_accum", 1), max_length,
+                             None, o.get("epochs", 1), o.get("max_steps", -1), o.get("warmup_steps", 0), world_size=world_size())
+    print(plan_text(rep["plan"]))
     return tr, rep
-_dpo_trainer.wrap = False
 
 def train_dpo(model:str,          # the SFT step's merged model (`{root}/{run}/02_sft/merged`)
               dataset,            # `datasets.Dataset` with `prompt`, `chosen`, `rejected`

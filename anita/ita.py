@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_ita.ipynb #40253a75
 from __future__ import annotations
-from .sft import SFT_PAPER, train_sft, load_step_data, loss_table
+from .sft import SFT_PAPER, train_sft, load_step_data, loss_table, prepare_backend
 from .core import run_dir, step_manifest, read_json
 
 # %% auto #0

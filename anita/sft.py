@@ -4,17 +4,20 @@
 
 # %% ../nbs/02_sft.ipynb #eeaf4c87
 from __future__ import annotations
-import contextlib, csv, json, os, resource, shutil, time, warnings
+import contextlib, csv, json, math, os, resource, shutil, time, warnings
 from importlib import util as importlib_util
 from pathlib import Path
 from .core import (PAPER_BASE, ANITA_SYSTEM_PROMPT, atomic_dir, atomic_write, write_json, read_json, seed_everything,
                         device_info, fingerprint, resolve_model, ensure_pad_token, run_dir, step_manifest)
 
 # %% auto #0
-__all__ = ['LORA_TARGETS', 'SFT_PAPER', 'GEN_PROMPTS', 'GEN_PAPER', 'pick_backend', 'require_model_input', 'lora_config',
-           'load_for_training', 'tokenize_lm', 'token_checks', 'batch_stats', 'AnitaTrainerMixin', 'latest_checkpoint',
-           'prepare_resume', 'write_train_log', 'oom_guard', 'save_merged', 'model_card', 'generation_check',
-           'train_args', 'fit', 'train_sft', 'load_step_data', 'loss_table']
+__all__ = ['LORA_TARGETS', 'SFT_PAPER', 'GEN_PROMPTS', 'GEN_PAPER', 'CPU_MAX_PARAMS', 'PATCHED_BY_UNSLOTH', 'estimate_params',
+           'cuda_diagnosis', 'pick_backend', 'import_order_problems', 'prepare_backend', 'require_model_input',
+           'lora_config', 'local_device_map', 'pick_attn', 'load_for_training', 'tokenize_lm', 'token_checks',
+           'batch_stats', 'batch_plan', 'plan_text', 'AnitaTrainerMixin', 'latest_checkpoint', 'prepare_resume',
+           'write_train_log', 'oom_guard', 'merge_adapter', 'save_merged', 'model_card', 'generation_check',
+           'TorchLogProbs', 'ensure_logprob_kernel', 'train_args', 'world_size', 'fit', 'packed_lengths', 'train_sft',
+           'load_step_data', 'loss_table']
 
 # %% ../nbs/02_sft.ipynb #a38af2c1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -30,20 +33,95 @@ GEN_PAPER = dict(max_new_tokens=512, temperature=0.6, top_p=0.9, seed=42)
 # %% ../nbs/02_sft.ipynb #8beb8558
 def _has(mod): return importlib_util.find_spec(mod) is not None
 
-def pick_backend(backend:str="auto" # auto | unsloth | hf | cpu
+CPU_MAX_PARAMS = 2_000_000_000  # `auto` trains larger models on a GPU only
+
+def _model_config(model:str) -> dict|None:
+    "`config.json` of a local folder, an alias, or a Hub id already in the local cache (no download); None if not found."
+    p = Path(resolve_model(str(model))).expanduser()
+    if str(model).startswith((".", "/", "~")) and not p.exists():
+        raise FileNotFoundError(f"model={model}: no such folder; run the previous step first (its `merged/` output is missing)")
+    if p.is_dir(): f = p/"config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            f = try_to_load_from_cache(str(model), "config.json")
+        except Exception: f = None
+        if not isinstance(f, str): return None
+    f = Path(f)
+    return json.loads(f.read_text()) if f.exists() else None
+
+def estimate_params(model:str) -> int|None:
+    "Parameter count of a decoder-only transformer from its `config.json` (embeddings, attention, MLP); None if unknown."
+    c = _model_config(model)
+    if not c: return None
+    c = c.get("text_config", c)
+    h, n, v = c.get("hidden_size"), c.get("num_hidden_layers"), c.get("vocab_size")
+    if not (h and n and v): return None
+    heads = c.get("num_attention_heads") or 1
+    hd = c.get("head_dim") or h // heads
+    kv = c.get("num_key_value_heads") or heads
+    inter = c.get("intermediate_size") or 4*h
+    attn = h*hd*heads*2 + h*hd*kv*2
+    emb = v*h*(1 if c.get("tie_word_embeddings") else 2)
+    return int(emb + n*(attn + 3*h*inter))
+
+def cuda_diagnosis() -> str:
+    "Why CUDA may be unusable here: the torch build, the driver `nvidia-smi` reports, and how to choose another build."
+    import torch
+    build = f"torch {torch.__version__} (" + (f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build") + ")"
+    drv = "no `nvidia-smi` on PATH (no NVIDIA driver visible)"
+    if shutil.which("nvidia-smi"):
+        import subprocess
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+        drv = f"nvidia-smi: {r.stdout.strip() or r.stderr.strip() or 'no GPU listed'}"
+    return (f"{build}; {drv}. A CUDA build needs a driver at least as new as its CUDA version (CUDA 13.0: R580+). "
+            "Install the torch build that matches your driver's CUDA version (e.g. `make install TORCH='torch==2.13.0' "
+            "PIP_EXTRA_INDEX_URL=<the PyTorch wheel index for cu126/cu128>`), or ask for `backend='cpu'` explicitly.")
+
+def pick_backend(backend:str="auto", # auto | unsloth | hf | cpu
+                 model:str=None      # the model to train: `auto` refuses the CPU for one over `CPU_MAX_PARAMS`
                 ) -> str:
-    "The training backend to use: `auto` picks unsloth, then hf, then cpu, by what is installed and the device."
+    "The training backend to use: `auto` picks unsloth, then hf, then cpu (small models only), by what is installed and the device."
     cuda = device_info()["device"] == "cuda"
     if backend not in ("auto", "unsloth", "hf", "cpu"):
         raise ValueError(f"backend={backend!r}: expected auto, unsloth, hf or cpu")
     if backend == "auto":
         choice = "unsloth" if cuda and _has("unsloth") else "hf" if cuda else "cpu"
+        n = estimate_params(model) if choice == "cpu" and model is not None else 0
+        if n is None or n > CPU_MAX_PARAMS:
+            size = "of unknown size (no config.json found locally)" if n is None else f"with ~{n/1e9:.1f}B parameters"
+            raise RuntimeError(f"backend='auto' found no usable CUDA GPU, and model={model!r} is {size}: refusing to train "
+                               f"it on the CPU. {cuda_diagnosis()}")
         print(f"backend=auto -> {choice} (cuda={cuda}, unsloth={'installed' if _has('unsloth') else 'absent'})")
         return choice
-    if backend in ("unsloth", "hf") and not cuda: raise RuntimeError(f"backend={backend!r} needs a CUDA GPU; use backend='cpu'")
+    if backend in ("unsloth", "hf") and not cuda:
+        raise RuntimeError(f"backend={backend!r} needs a CUDA GPU and none is usable. {cuda_diagnosis()}")
     if backend == "unsloth" and not _has("unsloth"):
         raise ModuleNotFoundError("backend='unsloth' needs the `gpu` extra (pip install 'anita[gpu]')")
     return backend
+
+
+# %% ../nbs/02_sft.ipynb #c1cc4c5b
+PATCHED_BY_UNSLOTH = ("transformers", "trl", "peft")
+
+def import_order_problems(modules=None) -> list:
+    "The libraries unsloth patches that are already imported (in `modules`, default `sys.modules`) while unsloth is not."
+    import sys
+    mods = sys.modules if modules is None else modules
+    return [] if "unsloth" in mods else [m for m in PATCHED_BY_UNSLOTH if m in mods]
+
+def prepare_backend(backend:str="auto", # auto | unsloth | hf | cpu
+                    model:str=None     # the model to train (see `pick_backend`)
+                   ) -> str:
+    "Resolve the backend; for unsloth import it now, before transformers, TRL and peft (refuse if they are already loaded)."
+    b = pick_backend(backend, model)
+    if b == "unsloth":
+        late = import_order_problems()
+        if late: raise RuntimeError(f"backend='unsloth' must be imported before {', '.join(late)}, which this process has "
+                                    "already imported: call `prepare_backend` first (in a notebook, restart the kernel and "
+                                    "run it in the cell after the parameters)")
+        import unsloth  # noqa: F401  (patches transformers, trl and peft)
+    return b
 
 # %% ../nbs/02_sft.ipynb #d43c111d
 def require_model_input(model:str # Hub id, alias, or local folder (a previous step's `merged/`)
@@ -70,14 +148,29 @@ def lora_config(r:int=16, alpha:int=8, dropout:float=0.0, target_modules=LORA_TA
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), use_rslora=use_rslora,
                       bias="none", task_type="CAUSAL_LM")
 
+def local_device_map() -> dict:
+    "`device_map` putting the whole model on this process's GPU: `LOCAL_RANK` under torchrun/accelerate, else GPU 0."
+    return {"": int(os.environ.get("LOCAL_RANK", 0))}
+
+def pick_attn(backend:str, requested:str="auto") -> str|None:
+    "Attention implementation for `backend`: FlashAttention-2 or FlexAttention for packed rows on a GPU, SDPA on the CPU, unsloth's own."
+    if requested != "auto": return requested
+    if backend == "unsloth": return None
+    if backend == "hf": return "flash_attention_2" if _has("flash_attn") else "flex_attention"
+    return "sdpa"
+
+# %% ../nbs/02_sft.ipynb #24b04bd6
 def load_for_training(model:str, backend:str="cpu", load_in_4bit:bool=True, max_length:int=8192,
-                      gradient_checkpointing:bool=True, lora:dict=None, seed:int=42, wrap:bool=True):
-    "Load `model` (checked by `require_model_input`) with a fresh LoRA adapter for `backend` (none if not `wrap`); returns `(model, tokenizer)`."
-    path, lora = require_model_input(model), dict(lora or {})
-    seed_everything(seed)
+                      gradient_checkpointing:bool=True, lora:dict=None, seed:int=42, attn_implementation:str="auto",
+                      record:dict=None):
+    "Load exactly `model` (checked by `require_model_input`) with a fresh LoRA adapter; `record['loaded']` names what was loaded."
+    path, lora, record = require_model_input(model), dict(lora or {}), {} if record is None else record
+    seed_everything(seed); record["loaded"] = path
     if backend == "unsloth":
         from unsloth import FastLanguageModel
-        m, tok = FastLanguageModel.from_pretrained(path, max_seq_length=max_length, load_in_4bit=load_in_4bit, dtype=None)
+        kw = dict(device_map=local_device_map()) if "LOCAL_RANK" in os.environ else {}
+        m, tok = FastLanguageModel.from_pretrained(path, max_seq_length=max_length, load_in_4bit=load_in_4bit, dtype=None,
+                    use_exact_model_name=True, on_model_resolved=lambda name: record.update(loaded=str(name)), **kw)
         m = FastLanguageModel.get_peft_model(m, r=lora.get("r", 16), lora_alpha=lora.get("alpha", 8),
                 lora_dropout=lora.get("dropout", 0.0), target_modules=list(lora.get("target_modules", LORA_TARGETS)),
                 use_rslora=lora.get("use_rslora", False), bias="none", random_state=seed,
@@ -86,9 +179,9 @@ def load_for_training(model:str, backend:str="cpu", load_in_4bit:bool=True, max_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from peft import get_peft_model
-    tok = AutoTokenizer.from_pretrained(path)
+    tok, attn = AutoTokenizer.from_pretrained(path), pick_attn(backend, attn_implementation)
     if backend == "hf":
-        kw = dict(dtype=torch.bfloat16, device_map={"": 0})
+        kw = dict(dtype=torch.bfloat16, device_map=local_device_map(), attn_implementation=attn)
         if load_in_4bit:
             from transformers import BitsAndBytesConfig
             kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -98,10 +191,9 @@ def load_for_training(model:str, backend:str="cpu", load_in_4bit:bool=True, max_
             from peft import prepare_model_for_kbit_training
             m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    else: m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    else: m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
     m.config.use_cache = False  # a KV cache in the forward pass turns off packed-sequence masking: see below
-    if wrap: m = get_peft_model(m, lora_config(**lora))
-    return m, ensure_pad_token(tok)
+    return get_peft_model(m, lora_config(**lora)), ensure_pad_token(tok)
 
 # %% ../nbs/02_sft.ipynb #3b88ca5e
 def _adds_bos(tok) -> bool:
@@ -178,6 +270,46 @@ def batch_stats(ds,               # tokenized dataset (`input_ids`, `labels`)
     base = ds.select_columns(["input_ids", "labels"])
     packed = pack_dataset(base, max_length, "bfd")
     return dict(packed=frac(packed, True), padded=frac(base, False), packed_rows=len(packed), rows=len(base))
+
+# %% ../nbs/02_sft.ipynb #d8ab3f4e
+def _cdiv(a, b): return -(-a // b)
+
+def batch_plan(row_lengths:list,          # tokens of each (tokenized, truncated) row
+               batch_size:int=16,          # the recipe's rows per device per micro-batch (unpacked)
+               grad_accum:int=8,           # the recipe's accumulation steps
+               max_length:int=8192,        # tokens per (packed) row
+               packed_lengths:list=None,   # tokens of each packed row (None: no packing)
+               epochs:float=1, max_steps:int=-1, warmup_steps:float=0,
+               tokens_per_step:int=None,   # real tokens per optimizer step (default: the unpacked batch's)
+               micro_batch_tokens:int=None, # packed tokens per device per micro-batch (default: `max_length`)
+               world_size:int=1) -> dict:
+    "Micro-batch, accumulation, tokens per optimizer step, optimizer steps and warm-up share of a training run."
+    n, mean = len(row_lengths), sum(row_lengths) / max(len(row_lengths), 1)
+    target = tokens_per_step or round(batch_size * grad_accum * mean)
+    if packed_lengths is None: micro, accum, rows, row_mean = batch_size, grad_accum, n, mean
+    else:
+        rows, row_mean = len(packed_lengths), sum(packed_lengths) / max(len(packed_lengths), 1)
+        micro = max(1, (micro_batch_tokens or max_length) // max_length)
+        accum = max(1, round(target / (micro * world_size * row_mean)))
+    batches = _cdiv(_cdiv(rows, world_size), micro)
+    per_epoch = max(batches // accum + int(batches % accum > 0), 1)
+    steps = max_steps if max_steps and max_steps > 0 else math.ceil(epochs * per_epoch)
+    warm = math.ceil(warmup_steps * steps) if 0 < warmup_steps < 1 else int(warmup_steps)
+    return dict(rows=n, mean_row_tokens=round(mean, 1), packed=packed_lengths is not None, train_rows=rows,
+                mean_train_row_tokens=round(row_mean, 1), micro_batch=micro, grad_accum=accum, world_size=world_size,
+                target_tokens_per_step=target, tokens_per_step=round(micro * accum * world_size * row_mean),
+                steps_per_epoch=per_epoch, optimizer_steps=steps, warmup_steps=warm,
+                warmup_share=round(warm / steps, 3) if steps else None)
+
+def plan_text(p:dict) -> str:
+    "One paragraph saying what a `batch_plan` will do."
+    rows = (f"{p['rows']} rows (mean {p['mean_row_tokens']:.0f} tokens) packed into {p['train_rows']} rows "
+            f"(mean {p['mean_train_row_tokens']:.0f} tokens)" if p["packed"] else f"{p['rows']} rows (mean {p['mean_row_tokens']:.0f} tokens)")
+    warn = "  WARNING: the warm-up is longer than the run" if p["warmup_steps"] > p["optimizer_steps"] else ""
+    return (f"plan: {rows}; micro-batch {p['micro_batch']} x grad_accum {p['grad_accum']} x {p['world_size']} GPU(s) "
+            f"= ~{p['tokens_per_step']} real tokens per optimizer step (target {p['target_tokens_per_step']}); "
+            f"{p['steps_per_epoch']} steps per epoch, {p['optimizer_steps']} optimizer steps; warm-up {p['warmup_steps']} "
+            f"steps ({100*(p['warmup_share'] or 0):.0f}% of the run){warn}")
 
 # %% ../nbs/02_sft.ipynb #8e13e992
 class AnitaTrainerMixin:
@@ -270,26 +402,33 @@ def oom_guard(batch_size:int, max_length:int, gradient_checkpointing:bool):
             f"effective batch), lower `max_length`, or set `gradient_checkpointing=True` / `load_in_4bit=True`") from e
 
 # %% ../nbs/02_sft.ipynb #a0340977
+def _is_4bit(model) -> bool:
+    return bool(getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False))
+
+def merge_adapter(base:str, adapter_dir, dtype:str=None):
+    "Plain PEFT: load exactly `base` (a folder, or a Hub id from the local cache when offline), apply the adapter, merge (bf16 on a GPU, fp32 on the CPU)."
+    import torch
+    dtype = dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+    kw = dict(device_map=local_device_map()) if torch.cuda.is_available() else {}
+    full = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), **kw)
+    return PeftModel.from_pretrained(full, str(adapter_dir)).merge_and_unload()
+
 def save_merged(model, tok, out, backend:str="cpu", base:str=None) -> str:
-    "Merge the LoRA adapter into the weights (`merge_and_unload`; bf16 on GPU, fp32 on CPU) and save model + tokenizer atomically."
+    "Merge the LoRA adapter into the weights and save model + tokenizer atomically; a 4-bit or unsloth model is merged into `base` in bf16."
     with atomic_dir(out) as tmp:
-        if backend == "unsloth":
-            model.save_pretrained_merged(str(tmp), tok, save_method="merged_16bit")
-        else:
-            if getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False):
-                import torch  # 4-bit base: reload it in bf16 and merge the saved adapter there
-                from transformers import AutoModelForCausalLM
-                from peft import PeftModel
-                adir = Path(tmp)/"_adapter"; model.save_pretrained(adir)
-                full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
-                merged = PeftModel.from_pretrained(full, adir).merge_and_unload(); shutil.rmtree(adir)
-            else: merged = model.merge_and_unload()
-            merged.config.use_cache = True
-            merged.save_pretrained(tmp, safe_serialization=True)
+        if backend == "unsloth" or _is_4bit(model):
+            # not unsloth's `save_pretrained_merged`: it would download another 16-bit original to merge into
+            adir = Path(tmp)/"_adapter"; model.save_pretrained(adir)
+            merged = merge_adapter(base, adir); shutil.rmtree(adir)
+        else: merged = model.merge_and_unload()
+        merged.config.use_cache = True
+        merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return str(out)
 
-def model_card(step:str, base:str, datasets:list, params:dict, backend:str, metrics:dict=None) -> str:
+def model_card(step:str, base:str, datasets:list, params:dict, backend:str, metrics:dict=None, loaded:str=None) -> str:
     "A Hugging Face model card (README.md) for a training step's merged model."
     lic = "llama3" if "llama" in str(base).lower() else "other"
     ds = "".join(f"\n- {d}" for d in datasets)
@@ -312,7 +451,7 @@ tags:
 
 # anita {step} model
 
-LLaMAntino-3-ANITA recipe, step `{step}`: LoRA fine-tuning of `{base}` (backend `{backend}`), adapter merged into the weights.
+LLaMAntino-3-ANITA recipe, step `{step}`: LoRA fine-tuning of `{base}` (backend `{backend}`; weights loaded from `{loaded or base}`), adapter merged into the weights.
 
 ## Recipe values
 
@@ -353,6 +492,34 @@ def generation_check(model, tok, prompts=GEN_PROMPTS, max_new_tokens:int=512, te
         out.append(dict(prompt=q, answer=tok.decode(g[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
     return out
 
+# %% ../nbs/02_sft.ipynb #8e7e265b
+class TorchLogProbs:
+    "Plain-PyTorch stand-in for TRL's Triton `ChunkedLogProbFunction` (same call, same outputs; full logits in memory)."
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature=1.0, chunk_size=None, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("log_probs",)):
+        import torch
+        z = hidden.float() @ weight.float().T
+        if bias is not None: z = z + bias.float()
+        z = z * logit_scale
+        if final_logit_softcapping: z = final_logit_softcapping * torch.tanh(z / final_logit_softcapping)
+        z = z / temperature
+        logp = torch.log_softmax(z, dim=-1)
+        lp = logp.gather(-1, targets[:, None]).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1) if "entropy" in outputs else None
+        with torch.no_grad():
+            sq = torch.logsumexp(2 * logp, -1) if "log_sum_sq_probs" in outputs else None
+            mean = z.mean(-1) if "mean_logits" in outputs else None
+            top1 = (z.argmax(-1) == targets) if "is_top1" in outputs else None
+        return lp, ent, sq, mean, top1
+
+def ensure_logprob_kernel() -> str:
+    "Give TRL's fused LM head a log-prob function: its Triton kernel when available, else `TorchLogProbs`; returns which."
+    import trl.trainer.utils as tu
+    if getattr(tu, "_ChunkedLogProbFunction", None) is None or tu._ChunkedLogProbFunction is TorchLogProbs:
+        tu._ChunkedLogProbFunction = TorchLogProbs; return "torch"
+    return "triton"
+
 # %% ../nbs/02_sft.ipynb #6404678d
 def train_args(config_cls, out_dir, backend:str, batch_size=16, grad_accum=8, lr=2e-4, lr_scheduler="linear",
                warmup_steps=100, weight_decay=0.01, optim="paged_adamw_8bit", seed=42, epochs=1, max_steps=-1,
@@ -383,23 +550,27 @@ def _finished(trainer, last) -> bool:
     print(f"{last} already holds the finished run ({st.global_step} steps): not training again")
     return True
 
+def world_size() -> int:
+    "Number of training processes (`WORLD_SIZE` under torchrun/accelerate, else 1)."
+    return int(os.environ.get("WORLD_SIZE", 1))
+
 def fit(step:str, model:str, dataset, out_dir, make_trainer, opts:dict, datasets_used=(), resume:bool=True,
         generate:bool=True, merge:bool=True) -> dict:
     "Shared training driver of the SFT, DPO and Italian-adaptation steps (see above); returns paths (`adapter`, `merged`, `log`, `report_path`, ...) and the `report` dict."
     import torch
     t_start, out_dir = time.time(), Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    o = dict(opts); backend = pick_backend(o.pop("backend", "auto"))
+    o = dict(opts); backend = pick_backend(o.pop("backend", "auto"), model)
     lora = dict(r=o.pop("lora_r", 16), alpha=o.pop("lora_alpha", 8), dropout=o.pop("lora_dropout", 0.0),
                 target_modules=o.pop("target_modules", LORA_TARGETS), use_rslora=o.pop("use_rslora", False))
     gen = {v: o.pop(k) for k, v in _GEN_KEYS.items() if k in o}
     gen.setdefault("seed", o.get("seed", 42))
     max_length, load_in_4bit = o.pop("max_length", 8192), o.pop("load_in_4bit", True)
+    attn = o.pop("attn_implementation", "auto")
     params = dict(model=str(model), backend=backend, max_length=max_length, load_in_4bit=load_in_4bit, **lora, **o)
-    wrap = getattr(make_trainer, "wrap", True) or backend == "unsloth"
+    rec = {}
     m, tok = load_for_training(model, backend, load_in_4bit and backend != "cpu", max_length,
-                               o.get("gradient_checkpointing", True), lora, o.get("seed", 42), wrap=wrap)
-    trainer, data_report = make_trainer(m, tok, dataset, out_dir/"checkpoints", backend, max_length, o,
-                                        None if wrap else lora_config(**lora))
+                               o.get("gradient_checkpointing", True), lora, o.get("seed", 42), attn, rec)
+    trainer, data_report = make_trainer(m, tok, dataset, out_dir/"checkpoints", backend, max_length, o)
     m = trainer.model
     last = prepare_resume(out_dir/"checkpoints", dict(step=step, params=params, data=fingerprint(dataset)), resume)
     cb = _LogCallback(); cb.trainer = trainer; trainer.add_callback(cb)
@@ -416,18 +587,19 @@ def fit(step:str, model:str, dataset, out_dir, make_trainer, opts:dict, datasets
     logs = write_train_log(trainer.state.log_history, out_dir, cb.rows)
     losses = [r["loss"] for r in read_json(logs["json"])]
     peak = torch.cuda.max_memory_allocated()/2**30 if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20
-    report = dict(step=step, backend=backend, params=params, data=data_report, optimizer_steps=trainer.state.global_step,
+    report = dict(step=step, backend=backend, params=params, loaded_model=rec["loaded"], attn_implementation=
+                  getattr(getattr(m, "config", None), "_attn_implementation", None), data=data_report,
+                  plan=data_report.get("plan"), optimizer_steps=trainer.state.global_step,
                   resumed_from=last, train_runtime_s=round(train_s, 2), real_tokens_trained=trainer.anita_tokens,
                   tokens_per_s=round(trainer.anita_tokens/train_s, 1) if train_s > 0 else None, peak_mem_gb=round(peak, 3),
                   loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                   train_loss=train_loss)
     paths = dict(adapter=str(out_dir/"adapter"), log=logs["json"], log_csv=logs["csv"], loss_png=logs["png"])
     if merge:
-        paths["merged"] = save_merged(m if backend != "unsloth" else trainer.model, tok, out_dir/"merged", backend,
-                                      require_model_input(model))
+        paths["merged"] = save_merged(m, tok, out_dir/"merged", backend, rec["loaded"])
         with atomic_write(out_dir/"merged"/"README.md") as f:
             f.write(model_card(step, _CARD_IDS.get(str(model), str(model)), list(datasets_used), params, backend, dict(loss_first=report["loss_first"],
-                               loss_last=report["loss_last"], optimizer_steps=report["optimizer_steps"])))
+                               loss_last=report["loss_last"], optimizer_steps=report["optimizer_steps"]), rec["loaded"]))
         shutil.copy(out_dir/"merged"/"README.md", out_dir/"README.md"); paths["card"] = str(out_dir/"README.md")
     if generate:
         gm = trainer.model
@@ -441,15 +613,26 @@ def fit(step:str, model:str, dataset, out_dir, make_trainer, opts:dict, datasets
     return dict(paths, report=report)
 
 # %% ../nbs/02_sft.ipynb #8d246a6f
-def _sft_trainer(m, tok, dataset, ckpt_dir, backend, max_length, o, peft_config=None):
+def packed_lengths(tds, max_length:int) -> list:
+    "Tokens of each row TRL's best-fit-decreasing packer makes of a tokenized dataset."
+    from trl.data_utils import pack_dataset
+    return [len(x) for x in pack_dataset(tds.select_columns(["input_ids", "labels"]), max_length, "bfd")["input_ids"]]
+
+def _sft_trainer(m, tok, dataset, ckpt_dir, backend, max_length, o):
     from trl import SFTConfig, SFTTrainer
+    ensure_logprob_kernel()
     packing, completion_only = o.pop("packing", True), o.pop("completion_only", None)
+    tps, mbt = o.pop("tokens_per_step", None), o.pop("micro_batch_tokens", None)
     tds, rep = tokenize_lm(dataset, tok, max_length, completion_only)
     rep["token_checks"] = token_checks(tds, tok)
     rep["batches"] = batch_stats(tds, tok, max_length, o.get("batch_size", 16))
     if rep["token_checks"]["doubled_bos"]: raise ValueError(f"doubled BOS in {rep['token_checks']['doubled_bos']} examples")
-    args = train_args(SFTConfig, ckpt_dir, backend, **{k: v for k, v in o.items()}, max_length=max_length, packing=packing,
-                      packing_strategy="bfd", padding_free=packing, dataset_num_proc=None)
+    rep["plan"] = plan = batch_plan([len(x) for x in tds["input_ids"]], o.get("batch_size", 16), o.get("grad_accum", 8),
+        max_length, packed_lengths(tds, max_length) if packing else None, o.get("epochs", 1), o.get("max_steps", -1),
+        o.get("warmup_steps", 0), tps, mbt, world_size())
+    print(plan_text(plan))
+    args = train_args(SFTConfig, ckpt_dir, backend, **{**o, "batch_size": plan["micro_batch"], "grad_accum": plan["grad_accum"]},
+                      max_length=max_length, packing=packing, packing_strategy="bfd", padding_free=packing, dataset_num_proc=None)
     cls = type("AnitaSFTTrainer", (AnitaTrainerMixin, SFTTrainer), {})
     return cls(model=m, args=args, train_dataset=tds, processing_class=tok), rep
 
@@ -461,7 +644,7 @@ def train_sft(model:str,          # base model: Hub id, local folder (e.g. a ste
               merge:bool=True,    # save the merged model
               datasets_used=("Chat-Error/wizard_alpaca_dolly_orca",), # named in the model card
               step:str="02_sft",
-              **opts              # recipe values: see `SFT_PAPER` (defaults), `packing`, `completion_only`, `gen_*`
+              **opts              # recipe values: see `SFT_PAPER` (defaults), `packing`, `completion_only`, `tokens_per_step`, `gen_*`
              ) -> dict:
     "LoRA/QLoRA SFT with TRL; returns paths (`adapter`, `merged`, `log`, ...) and the `report`."
     return fit(step, model, dataset, out_dir, _sft_trainer, {**{k: v for k, v in SFT_PAPER.items() if k != "model"}, **opts},
