@@ -231,3 +231,14 @@ def test_shipped_recipes(name):
     present = [n for n, s in r["steps"].items() if (nbs/s["notebook"]).exists()]
     if not present: pytest.skip("step notebooks not written yet")
     check_recipe_params(load_recipe(name, nbs), present)   # the recipe's params exist in the notebooks, with their types
+
+# --- issue 12: never skip stale or missing work, never destroy a finished step ---
+
+def test_manifest_records_the_anita_commit(fake, tmp_path):
+    "Item 7: git_commit is the commit of the anita source in use (with -dirty), even with --root outside the repository."
+    from anita.core import git_commit
+    want = git_commit(ROOT)
+    if want is None: pytest.skip("the anita source is not a git checkout")
+    _run(fake, tmp_path, steps="data")
+    assert not str(tmp_path).startswith(str(ROOT))
+    assert read_json(tmp_path/"runs/r/01_data/manifest.json")["git_commit"] == want
