@@ -143,6 +143,10 @@ def git_commit(path=".") -> str|None:
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError): return None
 
+def _src_dir() -> Path:
+    "The folder of the anita source in use (manifests record its commit, wherever the run folder is)."
+    return Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+
 def fingerprint(x) -> str:
     "A stable fingerprint of a file, a folder (all files), a `datasets` object or a JSON-able value."
     h = hashlib.sha256()
@@ -167,7 +171,7 @@ def write_manifest(step_dir, step:str, params:dict=None, inputs:dict=None, outpu
     old = read_json(step_dir/"manifest.json") if (step_dir/"manifest.json").exists() else {}
     m = dict(step=step, status=status, params=params or {},
              inputs={k: dict(source=str(v), fingerprint=fingerprint(v)) for k, v in (inputs or {}).items()},
-             outputs=outs, versions=package_versions(), git_commit=git_commit(), device=device_info(),
+             outputs=outs, versions=package_versions(), git_commit=git_commit(_src_dir()), device=device_info(),
              started_at=old.get("started_at") if old.get("status") == "running" else None,
              updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
     if status == "running" or not m["started_at"]: m["started_at"] = m["started_at"] or m["updated_at"]

@@ -4,17 +4,18 @@
 
 # %% ../nbs/11_pipeline.ipynb #a693dd9b
 from __future__ import annotations
-import argparse, ast, contextlib, html, json, os, re, signal, sys, time
+import argparse, ast, contextlib, html, json, os, re, shutil, signal, sys, time
 from datetime import datetime, timezone
 from pathlib import Path
-from .core import fingerprint, read_json, write_json, atomic_write, run_dir
+from .core import fingerprint, read_json, write_json, atomic_write
 
 # %% auto #0
-__all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'RecipeError', 'StepError', 'recipes_dir', 'find_recipe', 'default_nbs_dir', 'load_recipe',
-           'notebook_params', 'check_param', 'parse_set', 'apply_sets', 'notebook_code', 'fill', 'manifest_token',
+__all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'RecipeError', 'UsageError', 'StepError', 'check_name', 'recipes_dir', 'find_recipe',
+           'default_nbs_dir', 'load_recipe', 'notebook_params', 'check_param', 'parse_set', 'apply_sets',
+           'notebook_code', 'fill', 'step_status', 'manifest_token', 'input_paths', 'input_fingerprint',
            'step_fingerprint', 'step_paths', 'strip_flagged', 'run_step', 'select_steps', 'check_recipe_params',
-           'run_lock', 'run_recipe', 'step_section', 'md_to_html', 'gather_shards', 'write_report', 'list_steps',
-           'submit_slurm', 'main']
+           'run_lock', 'plan_step', 'run_recipe', 'step_section', 'md_to_html', 'gather_shards', 'write_report',
+           'list_steps', 'submit_slurm', 'main']
 
 # %% ../nbs/11_pipeline.ipynb #6fc31526
 RECIPE_KEYS = ("name", "description", "nbs_dir", "slurm", "steps")
@@ -23,8 +24,19 @@ STEP_KEYS = ("notebook", "params", "dir", "slurm", "shards", "description")
 class RecipeError(ValueError):
     "A recipe, a `--set` override or a `--steps` selection is invalid."
 
+class UsageError(RecipeError):
+    "A command-line value is invalid: a run name, a `--root` that is a file, an empty `--steps`, ..."
+
 class StepError(RuntimeError):
     "A step's notebook failed; the message names the executed notebook and the log."
+
+_NAME = re.compile(r"\w[\w.-]*")
+
+def check_name(name, what:str, err=UsageError) -> str:
+    "`name` when it is a plain folder name (letters, digits, `_`, `-`, `.`, not starting with `.`), else `err`: no `..`, no `/`."
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise err(f"{what} {name!r}: must be a plain folder name (letters, digits, '_', '-', '.'; no '/', no '..')")
+    return name
 
 def recipes_dir() -> Path:
     "The folder of the named recipes shipped with the package."
@@ -67,8 +79,9 @@ def load_recipe(recipe:str|Path,        # name or path
     _known(set(raw) - set(RECIPE_KEYS), RECIPE_KEYS, "recipe key", path)
     steps = raw.get("steps")
     if not isinstance(steps, dict) or not steps: raise RecipeError(f"{path}: `steps` must be a non-empty mapping of step names")
-    out = {}
+    out, dirs = {}, {}
     for name, spec in steps.items():
+        check_name(name, f"{path}: step name", RecipeError)
         where = f"{path}: step {name!r}"
         if not isinstance(spec, dict): raise RecipeError(f"{where}: expected a mapping with `notebook` and `params`")
         _known(set(spec) - set(STEP_KEYS), STEP_KEYS, "key", where)
@@ -79,9 +92,12 @@ def load_recipe(recipe:str|Path,        # name or path
         if shards is not None and (not isinstance(shards, dict) or set(shards) != {"param", "values"}
                                    or not isinstance(shards["values"], list) or not shards["values"]):
             raise RecipeError(f"{where}: `shards` must be {{param: NAME, values: [non-empty list]}}")
-        out[str(name)] = dict(name=str(name), notebook=str(spec["notebook"]), params=dict(params),
-                              dir=str(spec.get("dir") or Path(spec["notebook"]).stem), slurm=dict(spec.get("slurm") or {}),
-                              shards=shards, description=spec.get("description", ""))
+        d = check_name(str(spec.get("dir") or Path(spec["notebook"]).stem), f"{where}: folder", RecipeError)
+        if d == "logs": raise RecipeError(f"{where}: folder 'logs' is reserved (the run's log folder)")
+        if d in dirs: raise RecipeError(f"{path}: steps {dirs[d]!r} and {name!r} both write to folder {d!r}")
+        dirs[d] = name
+        out[name] = dict(name=name, notebook=str(spec["notebook"]), params=dict(params), dir=d,
+                         slurm=dict(spec.get("slurm") or {}), shards=shards, description=spec.get("description", ""))
     nbs = Path(nbs_dir) if nbs_dir else (path.parent/raw["nbs_dir"] if raw.get("nbs_dir") else default_nbs_dir())
     return dict(name=str(raw.get("name") or path.stem), path=str(path), description=raw.get("description", ""),
                 nbs_dir=str(nbs), slurm=dict(raw.get("slurm") or {}), steps=out)
@@ -178,19 +194,59 @@ def fill(v, root, run):
     if isinstance(v, dict): return {k: fill(x, root, run) for k, x in v.items()}
     return v
 
-def manifest_token(step_dir) -> str|None:
-    "A fingerprint of a completed step's manifest (None when it is missing or not completed)."
-    p = Path(step_dir)/"manifest.json"
-    if not p.exists(): return None
-    with contextlib.suppress(ValueError):
-        m = read_json(p)
-        if m.get("status") == "completed":
-            return fingerprint({k: m.get(k) for k in ("step", "params", "outputs", "updated_at", "pipeline")})
-    return None
+def _gone(p:Path) -> bool: return not p.exists() or p.is_dir() and not any(f.is_file() for f in p.rglob("*"))
 
-def step_fingerprint(nb_path, params:dict, upstream:str|None) -> str:
-    "Fingerprint of a step: its notebook code, its (unfilled) parameters and the previous step's manifest token."
-    return fingerprint(dict(code=notebook_code(nb_path), params=params, upstream=upstream))
+def step_status(step_dir) -> tuple:
+    "`(manifest, problem)`: `problem` is None for a completed step whose listed outputs all exist, else what is wrong."
+    p = Path(step_dir)/"manifest.json"
+    try: m = read_json(p)
+    except FileNotFoundError: return {}, f"{p} is missing"
+    except (ValueError, OSError) as e: return {}, str(e)
+    if not isinstance(m, dict): return {}, f"{p} is not a manifest"
+    if m.get("status") != "completed": return m, f"{p} says {m.get('status')!r}"
+    gone = [o for o in m.get("outputs") or [] if _gone(Path(step_dir)/o)]
+    return m, f"outputs missing: {', '.join(gone)}" if gone else None
+
+def manifest_token(step_dir) -> str|None:
+    "A fingerprint of a completed step's manifest (None when it is missing, not completed, or its outputs are gone)."
+    m, problem = step_status(step_dir)
+    return None if problem else fingerprint({k: m.get(k) for k in ("step", "params", "outputs", "updated_at", "pipeline")})
+
+def _strings(v) -> list:
+    if isinstance(v, str): return [v]
+    if isinstance(v, (list, tuple, dict)): return [s for x in (v.values() if isinstance(v, dict) else v) for s in _strings(x)]
+    return []
+
+def input_paths(params:dict, cwd, own=()) -> dict:
+    """`{value: path}` for the (filled) parameter strings that name a local file or folder, relative ones from `cwd` (where the
+    kernel runs), except the folders in `own` (the step's own output), what is inside them and what holds them."""
+    own, out = [Path(o).resolve() for o in own], {}
+    for s in _strings(params):
+        if not s.strip() or "\n" in s or "\0" in s: continue
+        try:
+            p = (Path(cwd)/Path(s).expanduser()).resolve()
+            if not p.exists(): continue
+        except (OSError, RuntimeError): continue
+        if not any(p == o or p in o.parents or o in p.parents for o in own): out[s] = p
+    return out
+
+def _file_hash(f:Path, cache:dict) -> str:
+    st = f.stat(); stamp = [st.st_size, st.st_mtime_ns]
+    hit = cache.get(str(f))
+    if not (isinstance(hit, list) and hit[:2] == stamp): cache[str(f)] = hit = [*stamp, fingerprint(f)]
+    return hit[2]
+
+def input_fingerprint(p:Path, cache:dict=None) -> str:
+    "Content fingerprint of a file or a folder (hidden files left out); a file's hash is reused from `cache` while its size and mtime hold."
+    cache = {} if cache is None else cache
+    p = Path(p)
+    if p.is_file(): return _file_hash(p, cache)
+    files = sorted(f for f in p.rglob("*") if f.is_file() and not any(x.startswith(".") for x in f.relative_to(p).parts))
+    return fingerprint({str(f.relative_to(p)): _file_hash(f, cache) for f in files})
+
+def step_fingerprint(nb_path, params:dict, upstream:str|None, inputs:dict=None) -> str:
+    "Fingerprint of a step: its notebook code, its (unfilled) parameters, the previous step's manifest token, its inputs' content."
+    return fingerprint(dict(code=notebook_code(nb_path), params=params, upstream=upstream, inputs=inputs or {}))
 
 # %% ../nbs/11_pipeline.ipynb #493cb9a0
 def _now(): return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -244,8 +300,9 @@ def strip_flagged(nb_path, out_path, keep=()) -> int:
     return dropped
 
 def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True, cwd=None, kernel:str="python3",
-             shard:int=None, keep_flags=(), log=print) -> dict:
-    "Execute one recipe step with papermill into `root/run/<dir>.ipynb`; returns its manifest."
+             shard:int=None, keep_flags=(), log=print, stage=None) -> dict:
+    """Execute one recipe step with papermill into `root/run/<dir>.ipynb`; returns its manifest. With `stage` the notebook
+    gets `root=stage`: it builds `stage/run/<dir>` (executed notebook in `stage`), beside the finished step it will replace."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
     root = Path(root).absolute(); rd = root/run; rank = _rank()
@@ -253,9 +310,11 @@ def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True,
     if not nb.is_file(): raise FileNotFoundError(f"{nb}: notebook of step {step['name']!r} not found")
     params = {**fill(step["params"], root, run), "run": run, "root": str(root)}
     tag, sd, sroot = step_paths(rd, step, shard)
-    if shard is not None: params.update({step["shards"]["param"]: step["shards"]["values"][shard], "root": str(sroot)})
+    if stage is not None: sroot = Path(stage); sd = sroot/run/step["dir"]
+    if shard is not None: params[step["shards"]["param"]] = step["shards"]["values"][shard]
+    if shard is not None or stage is not None: params["root"] = str(sroot)
     if rank: tag += f".rank{rank}"
-    out_nb = (rd/"logs" if rank else rd)/f"{tag}.ipynb"
+    out_nb = (rd/"logs" if rank else sroot if stage is not None else rd)/f"{tag}.ipynb"
     logf = rd/"logs"/f"{tag}.log"; logf.parent.mkdir(parents=True, exist_ok=True)
     info = dict(fingerprint=fp, notebook=str(nb), executed=str(out_nb), log=str(logf), started_at=_now())
     if not rank:
@@ -293,13 +352,11 @@ def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True,
         _fail(f"interrupted: {type(e).__name__} {e}".strip())
         raise
     el = round(time.time()-t0, 1)
-    m = {}
-    with contextlib.suppress(FileNotFoundError, ValueError): m = read_json(sd/"manifest.json")
-    if m.get("status") != "completed" and not rank:
-        _fail(f"the notebook ended without marking {sd/'manifest.json'} completed")
-        raise StepError(f"step {step['name']!r}: {nb} ran to the end but did not write a completed manifest "
-                        f"({sd/'manifest.json'} status {m.get('status')!r}; use anita.core.step_manifest)\n"
-                        f"  executed notebook: {out_nb}\n  log: {logf}")
+    m, problem = step_status(sd)
+    if problem and not rank:
+        _fail(f"the notebook ended without a completed manifest with all its outputs: {problem}")
+        raise StepError(f"step {step['name']!r}: {nb} ran to the end but did not write a completed manifest listing outputs "
+                        f"it wrote ({problem}; use anita.core.step_manifest)\n  executed notebook: {out_nb}\n  log: {logf}")
     if not rank:
         _update_manifest(sd, pipeline=dict(info, elapsed_s=el, finished_at=_now()))   # the notebook rewrote the manifest
         _update_state(rd, tag, status="completed", elapsed_s=el, finished_at=_now())
@@ -309,8 +366,9 @@ def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True,
 def select_steps(recipe:dict, steps=None) -> list:
     "The step names to run: all, or a comma-separated / list selection in recipe order (unknown names are an error)."
     names = list(recipe["steps"])
-    if not steps: return names
+    if steps is None: return names
     want = [s.strip() for s in (steps.split(",") if isinstance(steps, str) else steps) if s.strip()]
+    if not want: raise UsageError(f"--steps {steps!r}: no step named (recipe {recipe['name']} has: {', '.join(names)})")
     bad = [s for s in want if s not in names]
     if bad: raise RecipeError(f"unknown step {bad[0]!r} (recipe {recipe['name']} has: {', '.join(names)})")
     return [n for n in names if n in want]
@@ -349,6 +407,49 @@ def run_lock(rd):
 # %% ../nbs/11_pipeline.ipynb #feb3feda
 def _fmt_s(s): return f"{s:.1f}s" if s < 120 else f"{s/60:.1f}min"
 
+def _check_folders(paths):
+    "A `UsageError` when a file stands where one of `paths` (folders, made later if missing) or a folder above it must be."
+    for p in paths:
+        q = next(a for a in (p, *p.parents) if a.exists() or a == a.parent)
+        if not q.is_dir(): raise UsageError(f"{q} is a file, not a folder" + (f" (needed for {p})" if q != p else "") + ": move it away")
+
+def plan_step(m:dict, problem, fp:str, prev_fp, force:bool=False, stale:str=None, staged=(None, None)) -> tuple:
+    """`(action, why)` for one step from its manifest `m` and `step_status` `problem`, its fingerprint `fp` and the one it ran
+    with (`prev_fp`); `stale` says why it is out of date anyway; `staged`: `(fingerprint, problem)` of a replacement beside it.
+    Actions: `skip`; `run` in its folder, keeping what is there (a new step, a failed one resuming, lost outputs rebuilt from
+    checkpoints); `fresh`: clear a failed step of other parameters, then run; `beside`: build the replacement of a finished step
+    beside it (`resume-beside`: resume the one there); `swap`: a completed replacement is there, put it in place."""
+    changed = bool(stale) or prev_fp != fp
+    if m.get("status") != "completed":
+        if not m: return "run", "" if problem.endswith(" is missing") else f"{problem}: run again in its folder"
+        if not changed: return "run", "resuming after a failed or killed run"
+        return "fresh", "parameters or inputs changed since it failed: its folder is cleared first"
+    if not (force or changed): return ("skip", "done") if not problem else ("run", f"{problem}: rebuilt in its folder")
+    why = stale or ("parameters or inputs changed" if changed else "forced")
+    if staged[0] == fp and not stale:
+        if staged[1] is None: return "swap", f"{why}; its replacement completed before: swapped in"
+        return "resume-beside", f"{why}; resuming the replacement built beside the finished step"
+    return "beside", f"{why}; the replacement is built beside the finished step, which stays until it completes"
+
+def _stage(rd, st, shard=None) -> Path:
+    "The hidden folder where the replacement of a finished step (or shard) is built."
+    return rd/f".{st['dir']}.new" if shard is None else rd/st["dir"]/"shards"/f".{shard:02d}.new"
+
+def _restore(sd):
+    "Undo a swap cut short between its two renames: the finished step goes back in place (or the replaced one is deleted)."
+    old = sd.with_name(f".{sd.name}.old")
+    if old.exists() and not sd.exists(): os.replace(old, sd)
+    elif old.exists(): shutil.rmtree(old)
+
+def _swap_in(rd, sd, stage, tag):
+    "Put the completed replacement built in `stage` in place of the step folder `sd`, then delete the old one."
+    old = sd.with_name(f".{sd.name}.old")
+    if sd.exists(): os.replace(sd, old)
+    os.replace(stage/rd.name/sd.name, sd)
+    if (stage/f"{tag}.ipynb").exists():
+        os.replace(stage/f"{tag}.ipynb", rd/f"{tag}.ipynb"); _update_manifest(sd, pipeline=dict(executed=str(rd/f"{tag}.ipynb")))
+    shutil.rmtree(old, ignore_errors=True); shutil.rmtree(stage, ignore_errors=True)
+
 def run_recipe(recipe:str|Path|dict,  # recipe name, path, or a loaded recipe
                run:str="demo",        # run name: outputs go to `root/run/`
                root:str|Path="runs",  # folder of all runs
@@ -363,56 +464,77 @@ def run_recipe(recipe:str|Path|dict,  # recipe name, path, or a loaded recipe
                report:bool=True,      # write report.md/html at the end
                dry_run:bool=False,    # only say what would run
                log=print) -> dict:
-    "Run the recipe's steps in order with papermill, skipping completed unchanged steps; returns `{step: 'ran'|'skipped'|...}`."
+    "Run the recipe's steps in order with papermill, skipping completed unchanged steps; returns `{step: 'ran'|'skipped'|'would run'}`."
     rec = recipe if isinstance(recipe, dict) else load_recipe(recipe, nbs_dir)
+    check_name(run, "run name")
     names = select_steps(rec, steps)
     apply_sets(rec, sets)
     check_recipe_params(rec, names)
+    keep_flags = tuple(re.sub(r"\s+", "", f.lower()) for f in keep_flags)
+    if bad := sorted(set(keep_flags) - {"cuda", "slow", "eval:false"}):
+        raise UsageError(f"--flags: unknown flag {bad[0]!r} (known: cuda, slow, eval:false)")
     if shard is not None:
         sh = [n for n in names if rec["steps"][n]["shards"]]
         if len(names) != 1 or not sh: raise RecipeError("--shard needs --steps with exactly one step that has `shards`")
         if not 0 <= shard < len(rec["steps"][names[0]]["shards"]["values"]):
             raise RecipeError(f"--shard {shard}: step {names[0]!r} has {len(rec['steps'][names[0]]['shards']['values'])} shards")
-    root = Path(root).absolute()
-    rd = run_dir(run, root=root)
-    order, done, t_all = list(rec["steps"]), {}, time.time()
-    with run_lock(rd):
-        if not _rank() and not dry_run:
+    root = Path(root).absolute(); rd = root/run; rdr = rd.resolve(); rank = _rank()
+    _check_folders([rd/"logs", *[step_paths(rd, rec["steps"][n], shard)[1] for n in names]])
+    if not dry_run: rd.mkdir(parents=True, exist_ok=True)
+    order, done, t_all, cache = list(rec["steps"]), {}, time.time(), _load(rd/".fingerprints.json")
+    cache = cache if isinstance(cache, dict) else {}   # file hashes by path, reused while size and mtime hold
+    with contextlib.nullcontext() if dry_run else run_lock(rd):
+        if not rank and not dry_run:
             import yaml
             with atomic_write(rd/"recipe.yaml") as f:
                 yaml.safe_dump(dict(name=rec["name"], source=rec["path"], steps={n: dict(notebook=s["notebook"], params=s["params"])
                                for n, s in rec["steps"].items()}), f, sort_keys=False, allow_unicode=True)
             _readable(rd/"recipe.yaml")
+        rebuilt, ran_prev = [], False   # folders this run rebuilds (or would); whether the step before runs
         for i, n in enumerate(order):
-            if n not in names: continue
-            st = rec["steps"][n]
-            prev = order[i-1] if i else None
-            up = manifest_token(rd/rec["steps"][prev]["dir"]) if prev else "start"
-            if up is None and not dry_run:
-                raise StepError(f"step {n!r} needs step {prev!r} completed first "
-                                f"({rd/rec['steps'][prev]['dir']/'manifest.json'} is missing or not completed): "
-                                f"run it, e.g. --steps {prev},{n}")
-            fp = step_fingerprint(Path(rec["nbs_dir"])/st["notebook"], st["params"], up)
-            m, sd = {}, step_paths(rd, st, shard)[1]
-            with contextlib.suppress(FileNotFoundError, ValueError): m = read_json(sd/"manifest.json")
+            if n not in names: ran_prev = False; continue
+            st, prev = rec["steps"][n], order[i-1] if i else None
+            (tag, sd, _), stage = step_paths(rd, st, shard), _stage(rd, st, shard)
             head = f"[{i+1}/{len(order)}] {n} ({st['notebook']} -> {sd})"
-            if not force and m.get("status") == "completed" and m.get("pipeline", {}).get("fingerprint") == fp:
-                log(f"{head}: done, skipped"); done[n] = "skipped"; continue
-            if dry_run:
-                log(f"{head}: would run" + (f" (was {m.get('status')})" if m else "")); done[n] = "would run"; continue
-            why = ("resuming after a failed or killed run" if m.get("status") in ("failed", "running") else
-                   "forced" if force and m.get("status") == "completed" else "parameters or inputs changed" if m else "")
-            log(f"{head}: running" + (f" shard {shard}" if shard is not None else "") + (f" ({why})" if why else ""))
-            state = (_load(rd/"pipeline.json") or {}).get("steps", {}).get(step_paths(rd, st, shard)[0], {})
+            up = manifest_token(rd/rec["steps"][prev]["dir"]) if prev else "start"
+            if up is None and not ran_prev:
+                raise StepError(f"step {n!r} needs step {prev!r} completed first ({step_status(rd/rec['steps'][prev]['dir'])[1]}): "
+                                f"run it, e.g. --steps {prev},{n}")
+            if not dry_run and not rank: _restore(sd)
+            params = fill(st["params"], root, run)
+            if shard is not None: params[st["shards"]["param"]] = st["shards"]["values"][shard]
+            ins = input_paths(params, cwd or rd, own=[sd, stage])
+            inputs = {str(p.relative_to(rdr) if rdr in p.parents else p): input_fingerprint(p, cache) for p in ins.values()}
+            fp = step_fingerprint(Path(rec["nbs_dir"])/st["notebook"], st["params"], up, inputs)   # moving the runs root reruns nothing
+            if not dry_run and not rank: _readable(write_json(rd/".fingerprints.json", {k: v for k, v in cache.items() if os.path.exists(k)}))
+            stale = None   # a dry run rebuilds nothing: say which steps the real run would find out of date
+            if dry_run and ran_prev: stale = f"step {prev!r} before it reruns"
+            elif dry_run: stale = next((f"its input {s} is rebuilt first" for s, p in ins.items()
+                                        if any(p == r or r in p.parents for r in rebuilt)), None)
+            m, problem = step_status(sd)
+            state = (_load(rd/"pipeline.json") or {}).get("steps", {}).get(tag, {})
             prev_fp = m.get("pipeline", {}).get("fingerprint") or state.get("fingerprint")   # a notebook's `running` manifest has none
-            if sd.exists() and m and (force or prev_fp != fp):
-                import shutil   # a changed (or forced) step starts afresh: only an identical failed step resumes its checkpoints
+            staged = ((_load(stage/"attempt.json") or {}).get("fingerprint"), step_status(stage/run/st["dir"])[1])
+            action, why = plan_step(m, problem, fp, prev_fp, force, stale, staged)
+            ran_prev = action != "skip"
+            if not ran_prev:
+                log(f"{head}: done, skipped" + (f" (an earlier replacement attempt is kept in {stage}: delete it "
+                                                 f"to free its space)" if stage.exists() else "")); done[n] = "skipped"; continue
+            rebuilt.append(sd.resolve())
+            if dry_run: log(f"{head}: would run" + (f" ({why})" if why else "")); done[n] = "would run"; continue
+            log(f"{head}: running" + (f" shard {shard}" if shard is not None else "") + (f" ({why})" if why else ""))
+            if action == "fresh" and not rank:   # a failed step of other parameters starts afresh, never from their checkpoints
                 shutil.rmtree(sd); log(f"{head}: cleared {sd} (start afresh, not from checkpoints of other parameters)")
+            if action == "beside" and not rank:
+                shutil.rmtree(stage, ignore_errors=True); write_json(stage/"attempt.json", dict(fingerprint=fp, started_at=_now()))
             t0 = time.time()
-            run_step(st, rec["nbs_dir"], run, root, fp=fp, progress=progress, cwd=cwd or rd, shard=shard,
-                     keep_flags=keep_flags, log=log)
+            if action != "swap":
+                run_step(st, rec["nbs_dir"], run, root, fp=fp, progress=progress, cwd=cwd or rd, shard=shard,
+                         keep_flags=keep_flags, log=log, stage=stage if action.endswith("beside") else None)
+            if action in ("beside", "resume-beside", "swap") and not rank:
+                _swap_in(rd, sd, stage, tag); log(f"{head}: the new {st['dir']} replaced the finished one")
             log(f"{head}: completed in {_fmt_s(time.time()-t0)}"); done[n] = "ran"
-        if report and not dry_run and not _rank() and shard is None:
+        if report and not dry_run and not rank and shard is None:
             p = write_report(rd, rec)
             log(f"report: {p} (total {_fmt_s(time.time()-t_all)})")
     return done
@@ -628,7 +750,8 @@ def main(argv=None) -> int:
         rec = load_recipe(a.recipe, a.nbs_dir)
         if a.list: print(list_steps(rec)); return 0
         if a.report_only:
-            rd = run_dir(a.run, root=Path(a.root).absolute())
+            rd = Path(a.root).absolute()/check_name(a.run, "run name")
+            if not rd.is_dir(): raise UsageError(f"{rd}: no such run folder")
             for n in gather_shards(rd, rec): print(f"anita-run: {n}: all shards completed")
             print(write_report(rd, apply_sets(rec, a.sets, check_notebooks=False))); return 0
         if a.slurm: return submit_slurm(a.recipe, a.run, a.root)
@@ -636,12 +759,13 @@ def main(argv=None) -> int:
         run_recipe(rec, a.run, a.root, steps=a.steps, sets=a.sets, force=a.force, progress=not a.no_progress,
                    shard=a.shard, dry_run=a.dry_run, keep_flags=tuple(f.strip() for f in a.flags.split(",") if f.strip()), log=lambda s: print(f"anita-run {time.strftime('%H:%M:%S')} {s}", flush=True))
         return 0
-    except (RecipeError, FileNotFoundError) as e: print(f"anita-run: error: {e}", file=sys.stderr); return 2
+    except (RecipeError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:   # bad input
+        print(f"anita-run: error: {e}", file=sys.stderr); return 2
     except StepError as e: print(f"anita-run: error: {e}", file=sys.stderr); return 1
     except KeyboardInterrupt as e:
         print(f"anita-run: interrupted ({e}); the step is marked failed, run the same command again to resume", file=sys.stderr)
         return 143 if "signal" in str(e) else 130
-    except RuntimeError as e: print(f"anita-run: error: {e}", file=sys.stderr); return 1
+    except (RuntimeError, OSError) as e: print(f"anita-run: error: {e}", file=sys.stderr); return 1
 
 # %% ../nbs/11_pipeline.ipynb #6bd540dc
 if __name__ == "__main__" and "ipykernel" not in sys.modules: sys.exit(main())

@@ -1,5 +1,5 @@
 "Integration tests of `anita.pipeline` (anita-run) on small fake step notebooks: skip, rerun downstream, kill/resume, bad input."
-import json, os, signal, subprocess, sys, textwrap, time
+import json, os, re, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 from anita.core import read_json
@@ -231,3 +231,157 @@ def test_shipped_recipes(name):
     present = [n for n, s in r["steps"].items() if (nbs/s["notebook"]).exists()]
     if not present: pytest.skip("step notebooks not written yet")
     check_recipe_params(load_recipe(name, nbs), present)   # the recipe's params exist in the notebooks, with their types
+
+# --- issue 12: never skip stale or missing work, never destroy a finished step ---
+
+READ_RECIPE = RECIPE.replace("notebook: 01_data.ipynb\n    params: {n: 3}", "notebook: 01_read.ipynb\n    dir: 01_data\n    params: {src: SRC}")
+
+@pytest.fixture
+def reader(fake, tmp_path):
+    "The fake recipe whose data step counts the lines of a file or a folder of files (`src`)."
+    fake_nb(fake/"01_read.ipynb", 'run = "nbtest"\nroot = "runs"\nsrc = None', '''
+        from pathlib import Path
+        from anita.core import run_dir, step_manifest, write_json
+        sd = run_dir(run, "01_data", root); p = Path(src)
+        with step_manifest(sd, "01_data", dict(src=src)) as outs:
+            n = sum(len(f.read_text().splitlines()) for f in ([p] if p.is_file() else sorted(p.glob("*.txt"))))
+            outs.append(write_json(sd/"report.json", dict(rows=n)))''')
+    src = tmp_path/"rows.txt"; src.write_text("a\nb\nc\nd\ne\n")
+    (fake/"read.yaml").write_text(READ_RECIPE.replace("SRC", str(src)))
+    return fake/"read.yaml", src
+
+def _runr(y, tmp_path, **kw):
+    return run_recipe(y, run="r", root=tmp_path/"runs", progress=False, **{"log": lambda s: None, **kw})
+
+def test_changed_inputs_rerun(reader, tmp_path):
+    "Item 1: the content of input files, folders and the previous step's outputs is in the fingerprint."
+    y, src = reader; rd = tmp_path/"runs"/"r"
+    assert _runr(y, tmp_path) == dict(data="ran", train="ran", eval="ran")
+    assert read_json(rd/"02_train/report.json")["rows"] == 5
+    src.write_text("a\nb\n")                                    # the same file, cut to 2 rows
+    assert _runr(y, tmp_path) == dict(data="ran", train="ran", eval="ran")
+    assert read_json(rd/"02_train/report.json")["rows"] == 2
+    assert _runr(y, tmp_path) == dict(data="skipped", train="skipped", eval="skipped")
+    # the previous step's output changed behind the pipeline's back: the steps after it rerun
+    (rd/"01_data/report.json").write_text(json.dumps(dict(rows=9)))
+    assert _runr(y, tmp_path) == dict(data="skipped", train="ran", eval="ran")
+    assert read_json(rd/"02_train/report.json")["rows"] == 9
+    # a folder input: a file added to it reruns the step
+    d = tmp_path/"rows"; d.mkdir(); (d/"1.txt").write_text("a\n")
+    assert _runr(y, tmp_path, sets=[f"data.src={d}"], steps="data") == dict(data="ran")
+    assert _runr(y, tmp_path, sets=[f"data.src={d}"], steps="data") == dict(data="skipped")
+    (d/"2.txt").write_text("b\nc\n")
+    assert _runr(y, tmp_path, sets=[f"data.src={d}"], steps="data") == dict(data="ran")
+    assert read_json(rd/"01_data/report.json")["rows"] == 3
+
+def test_missing_outputs_are_rebuilt(fake, tmp_path):
+    "Item 2: a completed step whose outputs are gone is run again (in place, from its checkpoints), never skipped."
+    rd = tmp_path/"runs"/"r"
+    _run(fake, tmp_path)
+    (rd/"01_data/report.json").unlink()
+    assert _run(fake, tmp_path) == dict(data="ran", train="ran", eval="ran")
+    assert read_json(rd/"01_data/report.json")["rows"] == 3
+    (rd/"02_train/train_log.json").unlink()
+    # the next step alone refuses to start on a previous step whose outputs are gone
+    with pytest.raises(StepError, match=r"needs step 'train' completed first.*train_log.json"): _run(fake, tmp_path, steps="eval")
+    assert _run(fake, tmp_path) == dict(data="skipped", train="ran", eval="ran")
+    assert (rd/"02_train/train_log.json").exists()
+    assert read_json(rd/"02_train/report.json")["resumed_from"] == 4     # rebuilt from its last checkpoint, not retrained
+
+def test_finished_step_survives_a_failed_replacement(fake, tmp_path):
+    "Item 3: --force or changed parameters build the new attempt beside the finished step and swap it in on success."
+    rd = tmp_path/"runs"/"r"
+    _run(fake, tmp_path)
+    before = (rd/"02_train/report.json").read_text(), read_json(rd/"02_train/manifest.json")
+    (rd/"01_data/report.json").unlink()                  # the input of train is gone: --force must not clear train first
+    with pytest.raises(StepError, match="needs step 'data' completed first"): _run(fake, tmp_path, steps="train", force=True)
+    assert (rd/"02_train/report.json").read_text() == before[0] and (rd/"02_train/checkpoint.json").exists()
+    _run(fake, tmp_path, steps="data")
+    # a replacement that fails leaves the finished step as it was
+    with pytest.raises(StepError, match="no such file"):
+        _run(fake, tmp_path, steps="train", sets=[f"train.data_dir={tmp_path/'nowhere'}"])
+    m = read_json(rd/"02_train/manifest.json")
+    assert m["status"] == "completed" and m["params"] == before[1]["params"] and (rd/"02_train/report.json").read_text() == before[0]
+    with pytest.raises(StepError): _run(fake, tmp_path, steps="train", force=True, sets=[f"train.data_dir={tmp_path/'nowhere'}"])
+    assert read_json(rd/"02_train/manifest.json")["status"] == "completed"
+    # a forced replacement that succeeds is swapped in, and nothing is left beside it
+    assert _run(fake, tmp_path, steps="train", force=True) == dict(train="ran")
+    m2 = read_json(rd/"02_train/manifest.json")
+    assert m2["status"] == "completed" and m2["pipeline"]["finished_at"] >= before[1]["pipeline"]["finished_at"]
+    assert read_json(rd/"02_train/report.json")["resumed_from"] == 0 and (rd/"02_train.ipynb").exists()
+    assert sorted(p.name for p in rd.iterdir() if p.name.startswith(".") and p.name != ".lock") == [".fingerprints.json"]
+
+def _cli_err(capsys, *args):
+    rc = main(["--no-progress", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    return rc, err
+
+@pytest.mark.parametrize("run", ["..", ".", "", "a/b", "ABS", "../x"])
+def test_run_names_cannot_escape_root(fake, tmp_path, capsys, run):
+    "Items 4 and 5: a run name is a plain folder name; anything else is one error line and exit status 2."
+    root = tmp_path/"runs"/"sub"; root.mkdir(parents=True)
+    if run == "ABS": run = str(tmp_path/"elsewhere")
+    rc, err = _cli_err(capsys, "--recipe", str(fake/"recipe.yaml"), "--root", str(root), "--run", run, "--force")
+    assert rc == 2 and len(err) == 1 and err[0].startswith("anita-run: error: ") and "run name" in err[0], err
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and "nbs" not in p.parts) == []
+    assert _cli_err(capsys, "--recipe", str(fake/"recipe.yaml"), "--root", str(root), "--run", run, "--report-only")[0] == 2
+
+def test_step_names_and_folders(fake):
+    "Item 4: a step name or folder that is not a plain folder name, or two steps in one folder, is a recipe error."
+    for bad, msg in [("dir: ../../etc", "step 'eval': folder '../../etc'"), ("dir: /tmp/x", "folder '/tmp/x'"),
+                     ("dir: 02_train", "steps 'train' and 'eval' both write to folder '02_train'"), ("dir: logs", "'logs' is reserved")]:
+        (fake/"bad_dir.yaml").write_text(RECIPE.replace('model: "{root}/{run}/02_train"}', 'model: "{root}/{run}/02_train"}\n    ' + bad))
+        with pytest.raises(RecipeError, match=re.escape(msg)): load_recipe(fake/"bad_dir.yaml")
+    (fake/"bad_name.yaml").write_text(RECIPE.replace("  eval:", "  ../eval:"))
+    with pytest.raises(RecipeError, match=r"step name '../eval'"): load_recipe(fake/"bad_name.yaml")
+
+def test_user_errors_are_one_line(fake, tmp_path, capsys):
+    "Item 5: a file where a folder goes, an empty --steps, an unknown --flags value: one clear line, exit status 2."
+    y = str(fake/"recipe.yaml")
+    (tmp_path/"afile").write_text("x")
+    for args, msg in [(["--root", str(tmp_path/"afile"), "--run", "r"], "afile is a file, not a folder"),
+                      (["--root", str(tmp_path/"afile"/"sub"), "--run", "r"], "afile is a file, not a folder"),
+                      (["--root", str(tmp_path/"runs"), "--run", "r", "--steps", ","], "--steps ',': no step"),
+                      (["--root", str(tmp_path/"runs"), "--run", "r", "--flags", "gpu"], "--flags: unknown flag 'gpu'")]:
+        rc, err = _cli_err(capsys, "--recipe", y, *args)
+        assert rc == 2 and len(err) == 1 and err[0].startswith("anita-run: error: ") and msg in err[0], (args, err)
+    (tmp_path/"runs"/"r").mkdir(parents=True); (tmp_path/"runs"/"r"/"02_train").write_text("not a folder")
+    rc, err = _cli_err(capsys, "--recipe", y, "--root", str(tmp_path/"runs"), "--run", "r")
+    assert rc == 2 and len(err) == 1 and "02_train is a file, not a folder" in err[0], err
+    assert not (tmp_path/"runs"/"r"/"01_data").exists()          # checked before any step runs
+
+def _snapshot(d):
+    return {str(p.relative_to(d)): (p.stat().st_mtime_ns, p.stat().st_size) for p in Path(d).rglob("*")} if Path(d).exists() else {}
+
+def test_dry_run_writes_nothing_and_tells_the_truth(reader, tmp_path):
+    "Item 6: --dry-run creates nothing (not even the run folder or its lock) and predicts what the real run does."
+    y, src = reader; rd = tmp_path/"runs"/"r"
+    logs = []
+    assert _runr(y, tmp_path, dry_run=True, log=logs.append) == dict(data="would run", train="would run", eval="would run")
+    assert not (tmp_path/"runs").exists()
+    with pytest.raises(StepError, match="needs step 'data' completed first"): _runr(y, tmp_path, dry_run=True, steps="train")
+    _runr(y, tmp_path)
+    def check(expect, **kw):
+        snap = _snapshot(tmp_path/"runs")
+        dry = _runr(y, tmp_path, dry_run=True, **kw)
+        assert _snapshot(tmp_path/"runs") == snap
+        assert dry == {k: "would run" if v == "ran" else v for k, v in expect.items()}, dry
+        assert _runr(y, tmp_path, **kw) == expect
+    check(dict(data="skipped", train="skipped", eval="skipped"))
+    (rd/"02_train/manifest.json").write_text('{"step": "02_tr')          # truncated: train reruns, so does eval
+    check(dict(data="skipped", train="ran", eval="ran"))
+    src.write_text("x\n")                                               # a changed input: its step and the ones after
+    check(dict(data="ran", train="ran", eval="ran"))
+    src.write_text("y\nz\n")
+    check(dict(data="ran", eval="skipped"), steps="data,eval")          # eval reads train's outputs, unchanged
+    check(dict(data="skipped", train="ran", eval="ran"))
+    check(dict(train="ran"), steps="train", force=True)
+
+def test_manifest_records_the_anita_commit(fake, tmp_path):
+    "Item 7: git_commit is the commit of the anita source in use (with -dirty), even with --root outside the repository."
+    from anita.core import git_commit
+    want = git_commit(ROOT)
+    if want is None: pytest.skip("the anita source is not a git checkout")
+    _run(fake, tmp_path, steps="data")
+    assert not str(tmp_path).startswith(str(ROOT))
+    assert read_json(tmp_path/"runs/r/01_data/manifest.json")["git_commit"] == want
