@@ -10,12 +10,12 @@ from pathlib import Path
 from .core import fingerprint, read_json, write_json, atomic_write
 
 # %% auto #0
-__all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'RecipeError', 'UsageError', 'StepError', 'check_name', 'recipes_dir', 'find_recipe',
-           'default_nbs_dir', 'load_recipe', 'notebook_params', 'check_param', 'parse_set', 'apply_sets',
-           'notebook_code', 'fill', 'step_status', 'manifest_token', 'input_paths', 'input_fingerprint',
-           'step_fingerprint', 'step_paths', 'strip_flagged', 'run_step', 'select_steps', 'check_recipe_params',
-           'run_lock', 'plan_step', 'run_recipe', 'step_section', 'md_to_html', 'gather_shards', 'write_report',
-           'list_steps', 'submit_slurm', 'main']
+__all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'PARAM_RULES', 'RecipeError', 'UsageError', 'StepError', 'check_name', 'recipes_dir',
+           'find_recipe', 'default_nbs_dir', 'load_recipe', 'notebook_params', 'check_param', 'check_range',
+           'parse_set', 'local_path', 'apply_sets', 'notebook_code', 'fill', 'step_status', 'manifest_token',
+           'input_paths', 'input_fingerprint', 'step_fingerprint', 'step_paths', 'strip_flagged', 'run_step',
+           'select_steps', 'check_recipe_params', 'run_lock', 'plan_step', 'run_recipe', 'step_section', 'md_to_html',
+           'gather_shards', 'write_report', 'list_steps', 'submit_slurm', 'main']
 
 # %% ../nbs/11_pipeline.ipynb #6fc31526
 RECIPE_KEYS = ("name", "description", "nbs_dir", "slurm", "steps")
@@ -150,6 +150,22 @@ def check_param(value, expected:type|None, where:str):
     if not ok: raise RecipeError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
     return list(value) if expected in (list, tuple) else value
 
+_COUNT, _RATE, _ZERO_UP = (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+PARAM_RULES = dict(   # parameter name -> (check, what it must be), in every step that has the parameter; None always passes
+    max_steps=(lambda v: v == -1 or v >= 1, "-1 (whole epochs) or >= 1"), lr=_RATE, beta=_RATE, limit=_RATE,
+    lora_dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), max_bad_frac=(lambda v: 0 <= v <= 1, "in [0, 1]"),
+    **dict.fromkeys(("warmup_steps", "weight_decay", "num_fewshot", "seed", "gen_max_new_tokens"), _ZERO_UP),
+    **dict.fromkeys(("n_sft", "n_dpo", "n_ita", "n_train", "ita_max_files", "ngram", "epochs", "batch_size", "max_batch_size",
+                     "grad_accum", "max_length", "max_prompt_length", "tokens_per_step", "save_steps", "logging_steps",
+                     "lora_r", "lora_alpha"), _COUNT))
+
+def check_range(key:str, value, where:str):
+    "`value` if it is in the range `PARAM_RULES` gives parameter `key` (non-numbers and unlisted names pass), else a `RecipeError` naming `where`."
+    rule = PARAM_RULES.get(key)
+    if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)): return value
+    if not rule[0](value): raise RecipeError(f"{where}: must be {rule[1]}, got {value!r}")
+    return value
+
 # %% ../nbs/11_pipeline.ipynb #4b55bd52
 def parse_set(s:str) -> tuple:
     "`'sft.max_steps=20'` -> `('sft', 'max_steps', 20, '20')` (value parsed as YAML, raw text kept)."
@@ -161,8 +177,25 @@ def parse_set(s:str) -> tuple:
     except yaml.YAMLError: v = raw
     return m.group(1), m.group(2), v, raw
 
-def apply_sets(recipe:dict, sets=(), check_notebooks:bool=True) -> dict:
-    "Apply `--set STEP.PARAM=VALUE` overrides in place, type-checked against the notebook's parameters or the recipe's value."
+_PATH_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".gguf", ".safetensors")
+
+def local_path(v, cwd=None):
+    """`v` made absolute from `cwd` (default: the current folder) when it is a local path: it exists there, or it clearly is a
+    path (starts with `./`, `../`, `~` or `/`, or ends in a data-file suffix). Other strings (Hub ids `owner/name`, `{root}/{run}/...`,
+    names such as `embedded` or `auto`) stay as they are; lists and dicts are done item by item."""
+    if isinstance(v, list): return [local_path(x, cwd) for x in v]
+    if isinstance(v, dict): return {k: local_path(x, cwd) for k, x in v.items()}
+    if not isinstance(v, str) or not v.strip() or "{root}" in v or "{run}" in v or "\n" in v or "\0" in v: return v
+    p = Path(cwd or os.getcwd()).absolute()/Path(v).expanduser()
+    try: exists = p.exists()
+    except OSError: exists = False
+    if exists or v.startswith(("./", "../", "~", "/")) or v.lower().endswith(_PATH_SUFFIXES): return os.path.normpath(p)
+    return v
+
+def apply_sets(recipe:dict, sets=(), check_notebooks:bool=True, cwd=None) -> dict:
+    """Apply `--set STEP.PARAM=VALUE` overrides in place, type-checked against the notebook's parameters or the recipe's value
+    and range-checked (`PARAM_RULES`); a relative path is made absolute from `cwd` (default: the current folder, where the
+    command was typed), not from the run folder where the notebook runs."""
     for s in sets or ():
         step, key, v, raw = parse_set(s)
         if step not in recipe["steps"]:
@@ -177,7 +210,7 @@ def apply_sets(recipe:dict, sets=(), check_notebooks:bool=True) -> dict:
         if expected is str and not isinstance(v, str): v = raw
         if expected is float and isinstance(v, str):
             with contextlib.suppress(ValueError): v = float(raw)
-        st["params"][key] = check_param(v, expected, where)
+        st["params"][key] = local_path(check_range(key, check_param(v, expected, where), where), cwd)
     return recipe
 
 # %% ../nbs/11_pipeline.ipynb #a565916d
@@ -383,7 +416,7 @@ def check_recipe_params(recipe:dict, names) -> None:
         for k, v in st["params"].items():
             if k not in schema: raise RecipeError(f"{recipe['path']}: step {n!r}: {nb.name} has no parameter {k!r} "
                                                   f"(its parameters: {', '.join(schema)})")
-            st["params"][k] = check_param(v, schema[k], f"{recipe['path']}: {n}.{k}")
+            st["params"][k] = check_range(k, check_param(v, schema[k], f"{recipe['path']}: {n}.{k}"), f"{recipe['path']}: {n}.{k}")
         if st["shards"] and st["shards"]["param"] not in schema:
             raise RecipeError(f"{recipe['path']}: step {n!r}: shards.param {st['shards']['param']!r} is not a parameter of {nb.name}")
 

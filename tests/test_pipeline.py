@@ -385,3 +385,33 @@ def test_manifest_records_the_anita_commit(fake, tmp_path):
     _run(fake, tmp_path, steps="data")
     assert not str(tmp_path).startswith(str(ROOT))
     assert read_json(tmp_path/"runs/r/01_data/manifest.json")["git_commit"] == want
+
+@pytest.mark.parametrize("value,msg", [("sft.max_steps=-5", "--set sft.max_steps: must be -1 (whole epochs) or >= 1, got -5"),
+                                       ("sft.max_steps=0", "--set sft.max_steps: must be -1"),
+                                       ("sft.lr=-1", "--set sft.lr: must be > 0, got -1"),
+                                       ("dpo.beta=0", "--set dpo.beta: must be > 0"),
+                                       ("data.n_ita=0", "--set data.n_ita: must be >= 1, got 0"),
+                                       ("sft.batch_size=0", "--set sft.batch_size: must be >= 1")])
+def test_set_ranges(tmp_path, capsys, value, msg):
+    "Item 8: out-of-range values are one error line and exit status 2, before anything runs."
+    rc, err = _cli_err(capsys, "--recipe", "tiny", "--nbs-dir", str(ROOT/"nbs"), "--root", str(tmp_path/"runs"), "--run", "r", "--dry-run", "--set", value)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"anita-run: error: {msg}"), err
+    assert not (tmp_path/"runs").exists()
+
+def test_recipe_ranges(tmp_path):
+    "Item 8: the same rules hold for the recipe's own values; the shipped ones and -1 / None pass."
+    r = apply_sets(load_recipe("tiny", ROOT/"nbs"), ["sft.max_steps=-1", "sft.n_train=null", "sft.lr=2e-4"])
+    check_recipe_params(r, list(r["steps"]))
+    r["steps"]["dpo"]["params"]["lr"] = 0.0
+    with pytest.raises(RecipeError, match=r"tiny.yaml: dpo.lr: must be > 0, got 0.0"): check_recipe_params(r, ["dpo"])
+
+def test_set_paths_from_the_callers_folder(reader, tmp_path, monkeypatch, capsys):
+    "Item 11: a relative --set path is taken from where anita-run was typed, and the manifest records it absolute."
+    y, src = reader
+    monkeypatch.chdir(tmp_path)
+    rc, err = _cli_err(capsys, "--recipe", str(y), "--root", "runs", "--run", "r", "--steps", "data", "--set", f"data.src={src.name}")
+    assert rc == 0, err
+    m = read_json(tmp_path/"runs/r/01_data/manifest.json")
+    assert m["params"]["src"] == str(src) and read_json(tmp_path/"runs/r/01_data/report.json")["rows"] == 5
+    r = apply_sets(load_recipe(y), ["train.data_dir={root}/{run}/01_data", "eval.model=owner/name"])
+    assert r["steps"]["train"]["params"]["data_dir"] == "{root}/{run}/01_data" and r["steps"]["eval"]["params"]["model"] == "owner/name"
