@@ -62,15 +62,33 @@ def load_source(source,             # Hub id (`owner/name`) or local file/folder
     p = Path(str(source)).expanduser()
     if p.exists():
         builder, files = local_data_files(p)
-        return load_dataset(builder, data_files=files, split="train", streaming=streaming)
-    if not _is_hub_id(source) or str(source).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{source}: neither a local data file/folder nor a Hub dataset id (owner/name)")
+        try: return load_dataset(builder, data_files=files, split="train", streaming=streaming)
+        except Exception as e:
+            if builder == "csv" and _caused_by(e, UnicodeDecodeError):
+                for f in files: _text(f)   # raises naming the file and line
+            raise
+    if not _is_hub_id(source) or str(source).startswith((".", "/", "~")) or _builder(p):   # `data/sft.jsonl` is a path
+        where = "" if p.is_absolute() else f" (looked in {Path.cwd()})"
+        raise FileNotFoundError(f"{source}: no such data file or folder{where}; "
+                                f"neither a local data file/folder nor a Hub dataset id (owner/name)")
     return load_dataset(source, split=split, streaming=streaming, **kwargs)
+
+def _caused_by(e, kind) -> bool:
+    while e is not None and not isinstance(e, kind): e = e.__cause__ or e.__context__
+    return e is not None
+
+def _text(f:str) -> str:
+    "The UTF-8 text of a (gzipped) file, else a `ValueError` naming the file and the line of the first byte that is not UTF-8."
+    with (gzip.open if f.endswith(".gz") else open)(f, "rb") as fh: data = fh.read()
+    try: return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        ln = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{f}, line {ln}: not UTF-8 text (byte {data[e.start]:#04x}); "
+                         f"save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
 
 # %% ../nbs/01_data.ipynb #f1ef4a47
 def _json_rows(f:str):
-    opener = gzip.open if f.endswith(".gz") else open
-    with opener(f, "rt", encoding="utf-8") as fh: text = fh.read()
+    text = _text(f)
     if text.lstrip().startswith("["):
         try: yield from json.loads(text)
         except json.JSONDecodeError as e: raise ValueError(f"{f}: not valid JSON ({e})") from None

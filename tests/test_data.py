@@ -270,3 +270,22 @@ def test_hub_code_paths(monkeypatch, smol):
     path, k = calls[-1]
     assert path == "json" and k["streaming"] is True and k["data_files"] == D.mc4_it_files("tiny")[:2]
     assert not k.get("trust_remote_code") and len(ds) == 5 and rep["dataset"] == "gsarti/clean_mc4_it:tiny/train"
+
+def test_bad_encoding_names_file_and_line(tmp_path, smol):
+    "Issue 12, item 9: a file that is not UTF-8 is an error naming the file and the line, for JSON lines and CSV."
+    p = tmp_path/"sft.jsonl"
+    p.write_bytes(b'{"instruction": "Ciao", "input": "", "output": "Salve"}\n' +
+                  '{"instruction": "Perché?", "input": "", "output": "Così"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"sft.jsonl, line 2: not UTF-8 text \(byte 0xe9\)"): D.prepare_sft(p, smol)
+    c = tmp_path/"sft.csv"; c.write_bytes("instruction,input,output\nCiao,,Salve\nPerché?,,Così\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"sft.csv, line 3: not UTF-8 text"): D.load_source(c)
+
+def test_missing_relative_path_is_not_a_hub_id(tmp_path, monkeypatch, smol):
+    "Issue 12, item 9: `data/sft.jsonl` that is not there is 'no such file', never a Hub id to retry."
+    import datasets
+    def hub(*a, **k): raise AssertionError(f"went to the Hub for {a}")
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    monkeypatch.chdir(tmp_path); (tmp_path/"data").mkdir()
+    for src in ("data/sft.jsonl", "data/sft.parquet"):
+        with pytest.raises(FileNotFoundError, match=rf"{src}: no such data file or folder \(looked in {tmp_path}\)"):
+            D.prepare_sft(src, smol)
