@@ -415,3 +415,16 @@ def test_set_paths_from_the_callers_folder(reader, tmp_path, monkeypatch, capsys
     assert m["params"]["src"] == str(src) and read_json(tmp_path/"runs/r/01_data/report.json")["rows"] == 5
     r = apply_sets(load_recipe(y), ["train.data_dir={root}/{run}/01_data", "eval.model=owner/name"])
     assert r["steps"]["train"]["params"]["data_dir"] == "{root}/{run}/01_data" and r["steps"]["eval"]["params"]["model"] == "owner/name"
+
+def test_step_notebooks_write_only_their_own_folder():
+    "Item 10: the cells the pipeline runs in a step notebook (test cells too) write no folder but the step's own into the run."
+    import ast
+    from anita.pipeline import _FLAG
+    rec = load_recipe("tiny", ROOT/"nbs")
+    for st in rec["steps"].values():
+        nb = json.loads((ROOT/"nbs"/st["notebook"]).read_text(encoding="utf-8"))
+        for c in nb["cells"]:
+            src = "".join(c["source"])
+            if c["cell_type"] != "code" or _FLAG.search(src): continue   # flagged cells are left out of pipeline runs
+            for m in re.finditer(r"run_dir\(\s*run\s*,\s*([^,)]+)", src):
+                assert ast.literal_eval(m.group(1)) == st["dir"], f"{st['notebook']}: a cell writes {m.group(0)}... into the run folder"
