@@ -37,9 +37,9 @@ CPU_MAX_PARAMS = 2_000_000_000  # `auto` trains larger models on a GPU only
 
 def _model_config(model:str) -> dict|None:
     "`config.json` of a local folder, an alias, or a Hub id already in the local cache (no download); None if not found."
-    p = Path(resolve_model(str(model))).expanduser()
-    if str(model).startswith((".", "/", "~")) and not p.exists():
+    if str(model).startswith((".", "/", "~")) and not Path(str(model)).expanduser().exists():
         raise FileNotFoundError(f"model={model}: no such folder; run the previous step first (its `merged/` output is missing)")
+    p = Path(resolve_model(str(model))).expanduser()
     if p.is_dir(): f = p/"config.json"
     else:
         try:
