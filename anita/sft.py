@@ -37,7 +37,8 @@ CPU_MAX_PARAMS = 2_000_000_000  # `auto` trains larger models on a GPU only
 
 def _model_config(model:str) -> dict|None:
     "`config.json` of a local folder, an alias, or a Hub id already in the local cache (no download); None if not found."
-    if str(model).startswith((".", "/", "~")) and not Path(str(model)).expanduser().exists():
+    local = str(model).startswith((".", "/", "~")) or Path(str(model)).name == "merged"   # a path, or a step's output
+    if local and not Path(str(model)).expanduser().exists():
         raise FileNotFoundError(f"model={model}: no such folder; run the previous step first (its `merged/` output is missing)")
     p = Path(resolve_model(str(model))).expanduser()
     if p.is_dir(): f = p/"config.json"
