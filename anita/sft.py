@@ -13,8 +13,8 @@ from .core import (PAPER_BASE, ANITA_SYSTEM_PROMPT, atomic_dir, atomic_write, wr
 # %% auto #0
 __all__ = ['LORA_TARGETS', 'SFT_PAPER', 'GEN_PROMPTS', 'GEN_PAPER', 'pick_backend', 'require_model_input', 'lora_config',
            'load_for_training', 'tokenize_lm', 'token_checks', 'batch_stats', 'AnitaTrainerMixin', 'latest_checkpoint',
-           'prepare_resume', 'write_train_log', 'oom_guard', 'save_merged', 'model_card', 'generation_check',
-           'train_args', 'fit', 'train_sft', 'load_step_data', 'loss_table']
+           'prepare_resume', 'torch_logprob_fallback', 'write_train_log', 'oom_guard', 'save_merged', 'model_card',
+           'generation_check', 'train_args', 'fit', 'train_sft', 'load_step_data', 'loss_table']
 
 # %% ../nbs/02_sft.ipynb #a38af2c1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -223,6 +223,30 @@ def prepare_resume(ckpt_dir, key:dict, resume:bool=True) -> str|None:
     if last: print(f"resuming from {last}")
     return last
 
+# %% ../nbs/02_sft.ipynb #5ca8df8e
+def torch_logprob_fallback() -> bool:
+    "Give TRL's fused LM head a plain-torch log-prob function where its Triton kernel is missing (CPU torch); True if installed."
+    import trl.trainer.utils as tu
+    if getattr(tu, "_ChunkedLogProbFunction", True) is not None: return False
+    import torch
+    class TorchLogProb:
+        "Same inputs and outputs as `trl.kernels.ChunkedLogProbFunction.apply`, with the full logits of the scored tokens."
+        @staticmethod
+        def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+                  outputs=("log_probs",)):
+            z = torch.nn.functional.linear(hidden, weight, bias).float() * logit_scale
+            if softcap is not None: z = softcap * torch.tanh(z / softcap)
+            z = z / temperature
+            logp = torch.log_softmax(z, -1)
+            lp = logp.gather(-1, targets[:, None])[:, 0]
+            ent = -(logp.exp() * logp).sum(-1) if "entropy" in outputs else None
+            sq = torch.logsumexp(2 * logp, -1).detach() if "log_sum_sq_probs" in outputs else None
+            mean = z.mean(-1).detach() if "mean_logits" in outputs else None
+            top1 = (z.argmax(-1) == targets) if "is_top1" in outputs else None
+            return lp, ent, sq, mean, top1
+    tu._ChunkedLogProbFunction = TorchLogProb
+    return True
+
 # %% ../nbs/02_sft.ipynb #03ac5ca6
 class _LogCallback:
     "Record wall time and real tokens at each logging step (tokens/s per logging step)."
@@ -387,6 +411,7 @@ def fit(step:str, model:str, dataset, out_dir, make_trainer, opts:dict, datasets
         generate:bool=True, merge:bool=True) -> dict:
     "Shared training driver of the SFT, DPO and Italian-adaptation steps (see above); returns paths (`adapter`, `merged`, `log`, `report_path`, ...) and the `report` dict."
     import torch
+    torch_logprob_fallback()  # TRL 1.15 on a CPU torch: no Triton kernel for its fused LM head
     t_start, out_dir = time.time(), Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     o = dict(opts); backend = pick_backend(o.pop("backend", "auto"))
     lora = dict(r=o.pop("lora_r", 16), alpha=o.pop("lora_alpha", 8), dropout=o.pop("lora_dropout", 0.0),
