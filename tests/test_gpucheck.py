@@ -143,3 +143,14 @@ def test_wheel_list(tmp_path):
     assert json.loads((tmp_path/"w"/"wheels.json").read_text())["carried"]["trl"]["group"] == "training"
     assert G.wheel_requires(download("datasets", tmp_path), "3.10")[-1] == "tomli"
     assert "tomli" not in G.wheel_requires(download("datasets", tmp_path), "3.12")
+
+def test_slim_pyarrow_parts(tmp_path):
+    "pyarrow loses Flight, headers and tests, keeps the libraries `datasets` imports (Substrait: pyarrow.lib links it)."
+    w = _wheel(tmp_path, "pyarrow", {"pyarrow/libarrow.so.2500": b"a", "pyarrow/libparquet.so.2500": b"p",
+               "pyarrow/libarrow_flight.so.2500": b"f" * 1000, "pyarrow/_flight.cpython-312-x86_64-linux-gnu.so": b"f",
+               "pyarrow/libarrow_substrait.so.2500": b"s", "pyarrow/include/arrow/api.h": b"h", "pyarrow/tests/test_x.py": b"t",
+               "pyarrow/parquet/__init__.py": b"", "pyarrow/__init__.py": b""})
+    (tmp_path/"slim").mkdir()
+    r = G.slim_wheel(w, tmp_path/"slim")
+    assert sorted(r["dropped"]) == ["pyarrow/_flight.cpython-312-x86_64-linux-gnu.so", "pyarrow/include/arrow/api.h",
+                                    "pyarrow/libarrow_flight.so.2500", "pyarrow/tests/test_x.py"]
