@@ -8,7 +8,7 @@ Same settings for every run: the same rows of the shipped SFT sample, LoRA r=16 
 `--max-length`, `--batch-size`, `--sft-steps` optimizer steps, no gradient accumulation, adamw_torch (CPU) / paged 8-bit
 AdamW (GPU), no gradient checkpointing on the CPU. "plain TRL" is `trl.SFTTrainer` given the model and the prompt/completion
 rows the way TRL's documentation shows (packing: `packing=True, packing_strategy="bfd", padding_free=True`; completion-only
-loss); "anita" is `anita.sft.train_sft` with `packing=True` / `packing=False`. Throughput = real (non-pad) tokens trained
+loss); "anita" is `anita.sft.train_sft` with `packing=True` / `False` / `"auto"` (measured). Throughput = real (non-pad) tokens trained
 per second of `trainer.train()`, counted the same way in both. Each run is its own process (peak memory is its own:
 CUDA max allocated, CPU max RSS), and the runs are interleaved (trl, anita, trl padded, anita padded, then again) so a
 busy shared machine slows all of them alike; the figures are medians over `--repeats` rounds.
@@ -31,11 +31,12 @@ def _common(a):
 
 def run_anita(a, tok, d):
     from anita.sft import train_sft
-    r = train_sft(a.model, _rows(a, tok), d, backend=a.backend, packing=a.packing, generate=False, merge=False, resume=False,
+    r = train_sft(a.model, _rows(a, tok), d, backend=a.backend, packing="auto" if a.auto else a.packing, generate=False, merge=False, resume=False,
                   **LORA, **_common(a))["report"]
     return dict(tokens=r["real_tokens_trained"], seconds=r["train_runtime_s"], steps=r["optimizer_steps"], peak_mem_gb=r["peak_mem_gb"],
-                loss_first=r["loss_first"], loss_last=r["loss_last"], packing_used=r["params"].get("packing"),
-                attn=r.get("attn_implementation"))
+                loss_first=r["loss_first"], loss_last=r["loss_last"], bf16=r["params"].get("bf16"),
+                packing_used=r["data"].get("packing_measured", {}).get("packing", r["params"].get("packing")),
+                packing_measured=r["data"].get("packing_measured"))
 
 def run_trl(a, tok, d):
     "Plain TRL as its documentation shows it: SFTTrainer + LoraConfig (+ a 4-bit model for `hf`, FastLanguageModel for `unsloth`)."
@@ -101,15 +102,17 @@ def backends():
     if device_info()["device"] != "cuda": return ["cpu"]
     return ["hf"] + (["unsloth"] if importlib.util.find_spec("unsloth") else [])
 
-def _run(a, model, backend, impl, packing, steps):
+def _run(a, model, backend, impl, mode, steps):
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--backend", backend, "--impl", impl, "--steps", str(steps),
-           "--max-length", str(a.max_length), "--batch-size", str(a.batch_size), "--rows", str(a.rows)] + (["--packing"] if packing else [])
+           "--max-length", str(a.max_length), "--batch-size", str(a.batch_size), "--rows", str(a.rows)] + \
+          {"packed": ["--packing"], "padded": [], "auto": ["--auto"]}[mode]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None: print(f"{backend}/{impl}/packing={packing}: failed\n{out.stderr[-3000:]}", flush=True); return None
+    if line is None: print(f"{backend}/{impl}/{mode}: failed\n{out.stderr[-3000:]}", flush=True); return None
     r = json.loads(line[7:])
-    print(f"{backend:8s} {impl:6s} {'packed' if packing else 'padded'}: {r['steps']} steps {r['tokens']} real tokens in {r['seconds']:.1f}s "
-          f"= {r['tokens_per_s']} tokens/s  peak_mem_gb={r['peak_mem_gb']}  loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}", flush=True)
+    print(f"{backend:8s} {impl:6s} {mode}: {r['steps']} steps {r['tokens']} real tokens in {r['seconds']:.1f}s "
+          f"= {r['tokens_per_s']} tokens/s  peak_mem_gb={r['peak_mem_gb']}  loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+          + (f"  measured: {r['packing_measured']}" if r.get("packing_measured") else ""), flush=True)
     return r
 
 def main():
@@ -119,26 +122,27 @@ def main():
     p.add_argument("--sft-steps", type=int, default=8); p.add_argument("--dpo-steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds (medians are reported)")
     p.add_argument("--impls", default="trl,anita", help="comma list of trl, anita")
-    p.add_argument("--modes", default="packed,padded", help="comma list of packed, padded")
+    p.add_argument("--modes", default="packed,padded,auto", help="comma list of packed, padded, auto (anita measures and picks; trl skips it)")
     p.add_argument("--rows", type=int, default=40, help="rows of the shipped SFT sample")
     p.add_argument("--max-length", type=int, default=None); p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--backend"); p.add_argument("--impl"); p.add_argument("--steps", type=int); p.add_argument("--packing", action="store_true")
+    p.add_argument("--backend"); p.add_argument("--impl"); p.add_argument("--steps", type=int); p.add_argument("--packing", action="store_true"); p.add_argument("--auto", action="store_true")
     a = p.parse_args()
     if a.worker: return worker(a)
     bks = a.backends.split(",") if a.backends else backends()
     gpu = bks != ["cpu"]
     model = a.model or ("meta-llama/Meta-Llama-3-8B-Instruct" if gpu else "embedded")
     a.max_length, a.batch_size = a.max_length or (2048 if gpu else 512), a.batch_size or 4
-    impls, modes = a.impls.split(","), [m == "packed" for m in a.modes.split(",")]
+    impls, modes = a.impls.split(","), a.modes.split(",")
     res = {}
     for _ in range(a.repeats):
         for b in bks:
-            for packing in modes:
+            for mode in modes:
                 for impl in impls:
-                    r = _run(a, model, b, impl, packing, a.sft_steps)
-                    if r: res.setdefault((b, impl, packing), []).append(r)
-    dpo = {b: _run(a, model, b, "dpo", False, a.dpo_steps) for b in bks} if a.dpo_steps else {}
+                    if impl == "trl" and mode == "auto": continue
+                    r = _run(a, model, b, impl, mode, a.sft_steps)
+                    if r: res.setdefault((b, impl, mode), []).append(r)
+    dpo = {b: _run(a, model, b, "dpo", "padded", a.dpo_steps) for b in bks} if a.dpo_steps else {}
     med = lambda rs, k: statistics.median(r[k] for r in rs)
     ratio = lambda x, y: f"{x/y:.3f}" if x and y else "n/a"
     print(f"\nmodel={model} max_length={a.max_length} batch_size={a.batch_size} sft_steps={a.sft_steps} rows={a.rows} "
@@ -148,10 +152,12 @@ def main():
         m = {(i, pk): med(res[(b, i, pk)], "peak_mem_gb") for (bb, i, pk) in res if bb == b}
         for i in impls:
             for pk in modes:
-                if (i, pk) in t: print(f"backend={b} impl={i} {'packed' if pk else 'padded'} tokens_per_s={t[(i, pk)]} peak_mem_gb={m[(i, pk)]}")
+                if (i, pk) in t: print(f"backend={b} impl={i} {pk} tokens_per_s={t[(i, pk)]} peak_mem_gb={m[(i, pk)]}")
         line = f"backend={b}"
-        for pk in modes: line += f" anita_vs_trl_{'packed' if pk else 'padded'}={ratio(t.get(('anita', pk)), t.get(('trl', pk)))}"
-        for i in impls: line += f" {i}_packed_vs_padded={ratio(t.get((i, True)), t.get((i, False)))}"
+        for pk in modes:
+            if pk != "auto": line += f" anita_vs_trl_{pk}={ratio(t.get(('anita', pk)), t.get(('trl', pk)))}"
+        if "auto" in modes: line += f" anita_auto_vs_trl_best={ratio(t.get(('anita', 'auto')), max(t.get(('trl', k)) or 0 for k in ('packed', 'padded')))}"
+        for i in impls: line += f" {i}_packed_vs_padded={ratio(t.get((i, 'packed')), t.get((i, 'padded')))}"
         if dpo.get(b): line += f" dpo_tokens_per_s={dpo[b]['tokens_per_s']} dpo_peak_mem_gb={dpo[b]['peak_mem_gb']}"
         print(line)
 
