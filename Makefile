@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MPLBACKEND ?= Agg
 
-.PHONY: install install-gpu demo test check-sync check-versions nbtest pytest export clean-nbs lab
+.PHONY: install install-gpu demo test check-sync check-versions nbtest pytest export clean-nbs lab gpu-check gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,33 @@ $(VENV)/.installed: settings.ini setup.py constraints.txt
 # the GPU extras on a GPU node with package access, with the same version set
 install-gpu: install
 	$(PIP) -e ".[gpu]"
+
+# GPU check (anita.gpucheck, nbs/14_gpucheck.ipynb): probe first with the system Python (no install on a machine without CUDA:
+# it stops at once, exit code 3 from the check), then either install the gpu extra (node with package access) or, with
+# WHEELS=folder (from `make gpu-wheels`), use the node's own Python and CUDA torch plus those wheels (offline node).
+GPU_CHECK_OUT ?= runs/gpu-check
+GPU_CHECK_ARGS ?=
+WHEELS ?=
+GPU_VENV ?= .venv-gpucheck
+gpu-check:
+	@PYTHONPATH=$(CURDIR) $(PYTHON) -m anita.gpucheck --probe
+ifeq ($(WHEELS),)
+	$(MAKE) install-gpu
+	$(PY) -m anita.gpucheck --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+else
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --no-index --no-deps $(WHEELS)/*.whl
+	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m anita.gpucheck --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+endif
+
+# wheels an offline GPU node lacks for the check, for its Python (NODE_PYTHON) and CUDA (NODE_CUDA, bitsandbytes keeps only
+# that binary), within 60 MiB; NODE_PACKAGES = `pip list --format=freeze` run on the node (default: a typical node)
+WHEELS_DIR ?= gpu-wheels
+NODE_PYTHON ?= 3.12
+NODE_CUDA ?= 130
+NODE_PACKAGES ?=
+gpu-wheels: install
+	$(PY) -m anita.gpucheck --wheels $(WHEELS_DIR) --python-version $(NODE_PYTHON) --cuda $(NODE_CUDA) $(if $(NODE_PACKAGES),--node-packages $(NODE_PACKAGES))
 
 demo: install
 	time $(BIN)/anita-run --recipe tiny --run demo

@@ -14,10 +14,10 @@ from .core import (PAPER_BASE, ANITA_SYSTEM_PROMPT, atomic_dir, atomic_write, wr
 __all__ = ['LORA_TARGETS', 'SFT_PAPER', 'GEN_PROMPTS', 'GEN_PAPER', 'CPU_MAX_PARAMS', 'PATCHED_BY_UNSLOTH', 'estimate_params',
            'cuda_diagnosis', 'pick_backend', 'import_order_problems', 'prepare_backend', 'require_model_input',
            'lora_config', 'local_device_map', 'pick_attn', 'load_for_training', 'tokenize_lm', 'token_checks',
-           'batch_stats', 'batch_plan', 'plan_text', 'AnitaTrainerMixin', 'latest_checkpoint', 'prepare_resume',
-           'write_train_log', 'oom_guard', 'merge_adapter', 'save_merged', 'model_card', 'generation_check',
-           'TorchLogProbs', 'ensure_logprob_kernel', 'train_args', 'world_size', 'fit', 'packed_lengths', 'train_sft',
-           'load_step_data', 'loss_table']
+           'batch_stats', 'cpu_bf16', 'packing_throughput', 'batch_plan', 'plan_text', 'AnitaTrainerMixin',
+           'latest_checkpoint', 'prepare_resume', 'write_train_log', 'oom_guard', 'merge_adapter', 'save_merged',
+           'model_card', 'generation_check', 'TorchLogProbs', 'ensure_logprob_kernel', 'train_args', 'world_size',
+           'fit', 'packed_lengths', 'train_sft', 'load_step_data', 'loss_table']
 
 # %% ../nbs/02_sft.ipynb #a38af2c1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -271,6 +271,50 @@ def batch_stats(ds,               # tokenized dataset (`input_ids`, `labels`)
     base = ds.select_columns(["input_ids", "labels"])
     packed = pack_dataset(base, max_length, "bfd")
     return dict(packed=frac(packed, True), padded=frac(base, False), packed_rows=len(packed), rows=len(base))
+
+# %% ../nbs/02_sft.ipynb #d0f70132
+def cpu_bf16() -> bool:
+    "Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast is faster than fp32."
+    import torch
+    c = getattr(torch, "cpu", None)
+    return bool(c and ((getattr(c, "_is_avx512_bf16_supported", lambda: False)()) or getattr(c, "_is_amx_tile_supported", lambda: False)()))
+
+def _uses_bf16(backend:str, bf16=None) -> bool:
+    "bf16 mixed precision for `backend`: on a GPU where supported, fp32 on the CPU; `bf16=True`/`False` forces it."
+    if bf16 is not None: return bool(bf16)
+    return device_info()["bf16"] if backend in ("unsloth", "hf") else False
+
+def packing_throughput(model, tok, tds, max_length:int, batch_size:int, bf16:bool=False, n_batches:int=2) -> dict:
+    "Real tokens/s of forward+backward on the first `n_batches` micro-batches, packed (bfd, padding-free) and padded; `packing` = the faster."
+    import torch
+    from trl.data_utils import pack_dataset
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    base = tds.select_columns(["input_ids", "labels"])
+    rows = dict(packed=pack_dataset(base, max_length, "bfd"), padded=base)
+    coll = dict(packed=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True),
+                padded=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=False))
+    dev = next(model.parameters()).device
+    def batches(k):
+        n = min(n_batches, -(-len(rows[k]) // batch_size))
+        return [coll[k]([rows[k][j] for j in range(i*batch_size, min((i+1)*batch_size, len(rows[k])))]) for i in range(n)]
+    bs, t, n = {k: batches(k) for k in rows}, dict(packed=0.0, padded=0.0), dict(packed=0, padded=0)
+    was_training = model.training; model.train()
+    def step(b):
+        b = {k: v.to(dev) for k, v in b.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**b, use_cache=False).loss
+        loss.backward(); model.zero_grad(set_to_none=True)
+        if dev.type == "cuda": torch.cuda.synchronize()
+        return int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+    for k in rows: step(bs[k][0])                       # warm-up, both ways
+    for i in range(max(len(bs["packed"]), len(bs["padded"]))):
+        for k in ("packed", "padded"):                  # interleaved
+            if i < len(bs[k]):
+                t0 = time.time(); n[k] += step(bs[k][i]); t[k] += time.time() - t0
+    model.train(was_training)
+    tps = {k: round(n[k]/t[k], 1) if t[k] else None for k in t}
+    return dict(packed_tokens_per_s=tps["packed"], padded_tokens_per_s=tps["padded"], packing=bool((tps["packed"] or 0) > (tps["padded"] or 0)),
+                batches=n_batches, bf16=bf16)
 
 # %% ../nbs/02_sft.ipynb #d8ab3f4e
 def _cdiv(a, b): return -(-a // b)
@@ -527,12 +571,13 @@ def train_args(config_cls, out_dir, backend:str, batch_size=16, grad_accum=8, lr
                save_steps=100, save_total_limit=2, logging_steps=10, gradient_checkpointing=True, **extra):
     "A TRL config (`SFTConfig`/`DPOConfig`) for `backend`; on CPU: `use_cpu=True`, fp32, and torch AdamW for 8-bit optimizers."
     gpu, bf16 = backend in ("unsloth", "hf"), device_info()["bf16"]
+    mixed = _uses_bf16(backend, extra.pop("bf16", None))
     if not gpu and ("8bit" in optim or "paged" in optim): optim = "adamw_torch"
     return config_cls(output_dir=str(out_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
         learning_rate=lr, lr_scheduler_type=lr_scheduler, warmup_steps=warmup_steps, weight_decay=weight_decay, optim=optim,
         seed=seed, data_seed=seed, num_train_epochs=epochs, max_steps=max_steps, save_strategy="steps", save_steps=save_steps,
         save_total_limit=save_total_limit, logging_steps=logging_steps, report_to="none", use_cpu=not gpu,
-        bf16=gpu and bf16, fp16=gpu and not bf16, gradient_checkpointing=gradient_checkpointing and backend == "hf",
+        bf16=mixed, fp16=gpu and not bf16, gradient_checkpointing=gradient_checkpointing and backend == "hf",
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0, disable_tqdm=True, **extra)
 
 _CARD_IDS = {"embedded": "HuggingFaceTB/SmolLM2-135M-Instruct", "tiny-llama3": "anita tiny-llama3 (random weights)"}
@@ -628,6 +673,9 @@ def _sft_trainer(m, tok, dataset, ckpt_dir, backend, max_length, o):
     rep["token_checks"] = token_checks(tds, tok)
     rep["batches"] = batch_stats(tds, tok, max_length, o.get("batch_size", 16))
     if rep["token_checks"]["doubled_bos"]: raise ValueError(f"doubled BOS in {rep['token_checks']['doubled_bos']} examples")
+    if packing == "auto":  # pack only where it is faster here: measured, both throughputs in the report
+        rep["packing_measured"] = packing_throughput(m, tok, tds, max_length, o.get("batch_size", 16), _uses_bf16(backend, o.get("bf16")))
+        packing = rep["packing_measured"]["packing"]
     rep["plan"] = plan = batch_plan([len(x) for x in tds["input_ids"]], o.get("batch_size", 16), o.get("grad_accum", 8),
         max_length, packed_lengths(tds, max_length) if packing else None, o.get("epochs", 1), o.get("max_steps", -1),
         o.get("warmup_steps", 0), tps, mbt, world_size())
