@@ -165,7 +165,8 @@ def job_plan(recipe:dict, run:str, root, steps=None, sets=(), force:bool=False, 
     root = Path(root).absolute(); rd = root/run; logs = rd/"logs"
     names = select_steps(recipe, steps)
     items = prefetch_list(recipe, names)
-    if prefetch_job is None: prefetch_job = any(x["kind"] != "stream" for x in items)
+    if prefetch_job is None:   # PREFETCH=0: already downloaded (e.g. on a login node)
+        prefetch_job = env.get("PREFETCH", "1") != "0" and any(x["kind"] != "stream" for x in items)
     online = set(online_steps(recipe, names))
     lead = int(env.get("ANITA_SIGNAL_S") or 120)
     base = dict(RECIPE=str(Path(recipe["path"]).absolute()), RUN=run, ROOT=str(root), ANITA_SETS="\n".join(sets or ()),
@@ -201,12 +202,15 @@ def job_plan(recipe:dict, run:str, root, steps=None, sets=(), force:bool=False, 
 
 # %% ../nbs/12_slurm.ipynb #6b0f139f
 def queued_chain(rd) -> list:
-    "`(job id, name, state)` of this user's queued or running jobs submitted for run folder `rd` (by their `--comment`)."
+    "`(job id, name, state)` of this user's queued or running jobs submitted for run folder `rd` (by their `--comment`; an array once)."
     if not shutil.which("squeue"): return []
-    r = subprocess.run(["squeue", "-h", "--me", "-o", "%i|%j|%T|%k"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["squeue", "-h", "--me", "-o", "%F|%j|%T|%k"], capture_output=True, text=True, timeout=60)
     if r.returncode: return []
-    tag = f"anita:{Path(rd).absolute()}"
-    return [tuple(l.split("|")[:3]) for l in r.stdout.splitlines() if l.count("|") >= 3 and l.split("|", 3)[3] == tag]
+    tag, out = f"anita:{Path(rd).absolute()}", {}
+    for l in r.stdout.splitlines():
+        f = l.split("|", 3)
+        if len(f) == 4 and f[3] == tag: out.setdefault(f[0], (f[0], f[1], f[2]))
+    return list(out.values())
 
 def _sbatch(args, env) -> str:
     r = subprocess.run(["sbatch", *args], capture_output=True, text=True, env=env)

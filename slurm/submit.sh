@@ -10,7 +10,8 @@
 # Environment (see nbs/12_slurm.ipynb):
 #   GPUS CPUS TIME MEM PARTITION ACCOUNT QOS   override the recipe's `slurm:` values for every job
 #   ROOT (runs, relative to the current folder)  ANITA_SETS (one --set a line)  SBATCH_EXTRA (extra sbatch options)
-#   ANITA_SIGNAL_S (120: seconds before the time limit at which a job requeues itself)  PREFETCH_PARTITION
+#   ANITA_SIGNAL_S (120: seconds before the time limit at which a job requeues itself)
+#   PREFETCH_PARTITION (where the prefetch job runs)  PREFETCH=0 (no prefetch job: already downloaded)
 #   HF_HOME ANITA_VENV ANITA_OFFLINE   see slurm/env.sh
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
