@@ -57,14 +57,16 @@ def chains(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm")
     os.chmod(d, 0o755)
     t0 = time.time()
-    c = dict(full=submit(d, "full"),
-             fail=submit(d, "fail", "--set", "data.sft_source=/nonexistent/sft.jsonl"),
-             # heavier steps than the tiny default (8 packed rows of 256 tokens each), so the step is still training
-             # when Slurm's signal comes (it checks time limits every 30 s)
-             tl=submit(d, "tl", "--steps", "data,sft", *[a for s in STEPS_TL for a in ("--set", s)],
-                       env=dict(TIME="30", ANITA_SIGNAL_S="120")))
+    want = os.environ.get("ANITA_SLURM_CHAINS", "full,fail,tl").split(",")   # a subset while developing
+    c = {}
+    if "full" in want: c["full"] = submit(d, "full")
+    if "fail" in want: c["fail"] = submit(d, "fail", "--set", "data.sft_source=/nonexistent/sft.jsonl")
+    # heavier steps than the tiny default (8 packed rows of 256 tokens each), so the step is still training when
+    # Slurm's signal comes (it checks time limits every 30 s)
+    if "tl" in want: c["tl"] = submit(d, "tl", "--steps", "data,sft", *[a for s in STEPS_TL for a in ("--set", s)],
+                                      env=dict(TIME="30", ANITA_SIGNAL_S="120"))
     yield dict(dir=d, runs=d/"runs", t0=t0, **c)
-    left = queued([i for ch in ("full", "fail", "tl") for i in c[ch].values()])
+    left = queued([i for ch in c.values() for i in ch.values()])
     if left: subprocess.run(["scancel", *left])
     print(f"\nreal-Slurm chains: {time.time()-t0:.0f}s in all")
 
@@ -77,7 +79,8 @@ def manifest(p): return json.loads(Path(p).read_text())
 
 def test_relative_root_and_duplicate_chain(chains):
     "A relative --root is taken from the folder the command runs in; a run whose chain is queued is not queued twice."
-    assert (chains["runs"]/"full"/"logs").is_dir()
+    if "fail" not in chains: pytest.skip("chain fail not submitted (ANITA_SLURM_CHAINS)")
+    assert (chains["runs"]/"fail"/"logs").is_dir()
     r = subprocess.run([ANITA_RUN, "--recipe", "tiny", "--run", "fail", "--root", "runs", "--slurm"], cwd=chains["dir"],
                        capture_output=True, text=True)
     if queued(list(chains["fail"].values())):
@@ -90,6 +93,7 @@ def test_relative_root_and_duplicate_chain(chains):
 
 def test_time_limit_requeues_and_resumes(chains):
     "The SFT step reaches its time limit after a checkpoint: the job requeues itself and the step resumes from the checkpoint."
+    if "tl" not in chains: pytest.skip("chain tl not submitted (ANITA_SLURM_CHAINS)")
     ids, rd, t0 = chains["tl"], chains["runs"]/"tl", chains["t0"]
     sft = ids["sft"]
     ck = rd/"02_sft"/"checkpoints"
@@ -132,6 +136,7 @@ def test_time_limit_requeues_and_resumes(chains):
     assert jobs(ids["report"])[0]["JobState"] == "COMPLETED"
 
 def test_failed_step_ends_chain(chains):
+    if "fail" not in chains: pytest.skip("chain fail not submitted (ANITA_SLURM_CHAINS)")
     ids, rd = chains["fail"], chains["runs"]/"fail"
     wait(ids.values(), chains["t0"], "chain fail")
     st = {n: jobs(i)[0] for n, i in ids.items()}
@@ -145,6 +150,7 @@ def test_failed_step_ends_chain(chains):
     assert manifest(rd/"01_data"/"manifest.json")["status"] == "failed"
 
 def test_tiny_chain_completes(chains):
+    if "full" not in chains: pytest.skip("chain full not submitted (ANITA_SLURM_CHAINS)")
     ids, rd = chains["full"], chains["runs"]/"full"
     wait(ids.values(), chains["t0"], "chain full")
     for n, i in ids.items():
