@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ANITA_RUN = str(Path(sys.executable).parent/"anita-run")
 TIMEOUT_S = int(os.environ.get("ANITA_SLURM_TEST_TIMEOUT", "1500"))   # the whole module, on a busy machine
 
-MAX_STEPS = 30
-STEPS_TL = [f"sft.max_steps={MAX_STEPS}", "sft.save_steps=2", "sft.batch_size=8", "sft.max_length=256", "sft.n_train=48"]
+MAX_STEPS = 12
+STEPS_TL = [f"sft.max_steps={MAX_STEPS}", "sft.save_steps=2", "sft.batch_size=4", "sft.max_length=256", "sft.n_train=48"]
 
 def _why_not() -> str|None:
     "None when a Slurm controller answers and its node takes jobs, else why not."
@@ -32,8 +32,9 @@ def _why_not() -> str|None:
     return None
 
 WHY = _why_not()
-pytestmark = pytest.mark.skipif(WHY is not None, reason=f"no usable Slurm here ({WHY}); `sudo bash .ci/slurm-up` starts a "
-                                "single-node one (CI does)")
+pytestmark = [pytest.mark.skipif(WHY is not None, reason=f"no usable Slurm here ({WHY}); `sudo bash .ci/slurm-up` starts a "
+                                 "single-node one (CI does)"),
+              pytest.mark.timeout(TIMEOUT_S + 120)]   # the chains run while the first test waits: the module's limit, not 1200 s a test
 
 def jobs(jid) -> list:
     "`scontrol show job -o JID` as dicts (one per array task)."
@@ -61,8 +62,9 @@ def chains(tmp_path_factory):
     c = {}
     if "full" in want: c["full"] = submit(d, "full")
     if "fail" in want: c["fail"] = submit(d, "fail", "--set", "data.sft_source=/nonexistent/sft.jsonl")
-    # heavier steps than the tiny default (8 packed rows of 256 tokens each), so the step is still training when
-    # Slurm's signal comes (it checks time limits every 30 s)
+    # heavier steps than the tiny default (4 packed rows of 256 tokens each), so the step is still running when
+    # Slurm's signal comes (it checks time limits every 30 s); a signal during the merge after training also resumes
+    # from the last checkpoint
     if "tl" in want: c["tl"] = submit(d, "tl", "--steps", "data,sft", *[a for s in STEPS_TL for a in ("--set", s)],
                                       env=dict(TIME="30", ANITA_SIGNAL_S="120"))
     yield dict(dir=d, runs=d/"runs", t0=t0, **c)
@@ -126,7 +128,7 @@ def test_time_limit_requeues_and_resumes(chains):
     assert rep["resumed_from"] and "checkpoint-" in rep["resumed_from"], rep.get("resumed_from")
     assert rep["optimizer_steps"] == MAX_STEPS
     m = manifest(rd/"02_sft"/"manifest.json")
-    assert m["status"] == "completed" and m["params"]["max_steps"] == MAX_STEPS and m["params"]["batch_size"] == 8 and m["params"]["save_steps"] == 2   # --set reached the job
+    assert m["status"] == "completed" and m["params"]["max_steps"] == MAX_STEPS and m["params"]["batch_size"] == 4 and m["params"]["save_steps"] == 2   # --set reached the job
     log = next((rd/"logs").glob("slurm-anita-tl-sft-*.out")).read_text()
     # one log for both runs of the job (--open-mode=append): the first run, the requeue, the resumed run
     assert "restarts=0" in log and "near its time limit: requeueing it" in log and "restarts=1" in log, log[-3000:]
