@@ -376,7 +376,8 @@ def run_recipe(recipe:str|Path|dict,  # recipe name, path, or a loaded recipe
     root = Path(root).absolute()
     rd = run_dir(run, root=root)
     order, done, t_all = list(rec["steps"]), {}, time.time()
-    with run_lock(rd):
+    # a shard (Slurm array task) locks its own folder: the array's tasks run side by side in the same run
+    with run_lock(rd if shard is None else step_paths(rd, rec["steps"][names[0]], shard)[2]):
         if not _rank() and not dry_run:
             import yaml
             with atomic_write(rd/"recipe.yaml") as f:
