@@ -516,7 +516,9 @@ def run_recipe(recipe:str|Path|dict,  # recipe name, path, or a loaded recipe
     if not dry_run: rd.mkdir(parents=True, exist_ok=True)
     order, done, t_all, cache = list(rec["steps"]), {}, time.time(), _load(rd/".fingerprints.json")
     cache = cache if isinstance(cache, dict) else {}   # file hashes by path, reused while size and mtime hold
-    with contextlib.nullcontext() if dry_run else run_lock(rd):
+    # a shard (Slurm array task) locks its own folder: the array's tasks run side by side in the same run
+    lock_dir = rd if shard is None else step_paths(rd, rec["steps"][names[0]], shard)[2]
+    with contextlib.nullcontext() if dry_run else run_lock(lock_dir):
         if not rank and not dry_run:
             import yaml
             with atomic_write(rd/"recipe.yaml") as f:
@@ -723,6 +725,8 @@ def write_report(rd:str|Path, recipe:dict) -> Path:
     L = [f"# anita run `{rd.name}` (recipe `{recipe['name']}`)", "",
          f"Generated {_now()} from `{recipe['path']}`." + (f" {recipe['description']}" if recipe.get("description") else ""), "",
          "| step | notebook | status | time |", "|---|---|---|---|"]
+    failed = [n for n, st in recipe["steps"].items() if (_load(rd/st["dir"]/"manifest.json") or {}).get("status") == "failed"]
+    if failed: L[4:4] = [f"**Failed:** step {', '.join(f'`{n}`' for n in failed)} (see its section below); the steps after it did not run.", ""]
     for n, st in recipe["steps"].items():
         m = _load(rd/st["dir"]/"manifest.json") or {}
         el = m.get("pipeline", {}).get("elapsed_s", m.get("elapsed_s"))
@@ -762,17 +766,17 @@ def _parser():
     p.add_argument("--dry-run", action="store_true", help="say what would run, run nothing")
     p.add_argument("--list", action="store_true", help="print the recipe's steps (tab-separated) and exit")
     p.add_argument("--slurm", action="store_true", help="submit the recipe as a Slurm job chain (slurm/submit.sh) and exit")
+    p.add_argument("--replace", action="store_true", help="with --slurm: cancel a chain of the same run still queued, then submit")
     p.add_argument("--report-only", action="store_true", help="only (re)write report.md/html")
     p.add_argument("--flags", default="", help="run the notebooks' cells flagged with these nbdev flags too (e.g. cuda,slow)")
     p.add_argument("--no-progress", action="store_true", help="no papermill progress bar")
     return p
 
-def submit_slurm(recipe, run:str, root="runs") -> int:
-    "Submit the recipe as a Slurm job chain with the repository's `slurm/submit.sh` (prints the job ids)."
-    import subprocess, anita
-    sh = Path(os.environ.get("ANITA_REPO") or Path(anita.__file__).resolve().parent.parent)/"slurm"/"submit.sh"
-    if not sh.exists(): raise FileNotFoundError(f"{sh}: not found (set ANITA_REPO to a checkout of the anita repository)")
-    return subprocess.call(["bash", str(sh), str(recipe), run], env={**os.environ, "ROOT": str(root), "ANITA_REPO": str(sh.parent.parent)})
+def submit_slurm(recipe, run:str, root="runs", steps=None, sets=(), force:bool=False, replace:bool=False,
+                 dry_run:bool=False, nbs_dir=None) -> int:
+    "Submit the recipe as a Slurm job chain (`anita.slurm.submit_chain`: validated like a local run; prints the job ids)."
+    from anita.slurm import submit
+    return submit(recipe, run, root, steps, sets, force, replace, dry_run, nbs_dir)
 
 def _on_term(signum, frame): raise KeyboardInterrupt(f"signal {signum}")
 
@@ -787,7 +791,7 @@ def main(argv=None) -> int:
             if not rd.is_dir(): raise UsageError(f"{rd}: no such run folder")
             for n in gather_shards(rd, rec): print(f"anita-run: {n}: all shards completed")
             print(write_report(rd, apply_sets(rec, a.sets, check_notebooks=False))); return 0
-        if a.slurm: return submit_slurm(a.recipe, a.run, a.root)
+        if a.slurm: return submit_slurm(a.recipe, a.run, a.root, a.steps, a.sets, a.force, a.replace, a.dry_run, a.nbs_dir)
         signal.signal(signal.SIGTERM, _on_term)   # Slurm preemption / scancel: mark the step failed, then stop
         run_recipe(rec, a.run, a.root, steps=a.steps, sets=a.sets, force=a.force, progress=not a.no_progress,
                    shard=a.shard, dry_run=a.dry_run, keep_flags=tuple(f.strip() for f in a.flags.split(",") if f.strip()), log=lambda s: print(f"anita-run {time.strftime('%H:%M:%S')} {s}", flush=True))
