@@ -381,7 +381,7 @@ def export_model(model,                           # merged model folder, `embedd
         del ref
     else: rep["files"] = {t: dict(file=fname(t).name, size_mb=round(fname(t).stat().st_size/2**20, 2)) for t in made}
     rep["llama_cpp"] = llama_cpp_available()
-    rep["passed"] = check and not any(f.get("failures") for f in rep["files"].values())
+    rep["passed"] = not any(f.get("failures") for f in rep["files"].values()) if check else None
     write_json(out/"export.json", rep)
     fails = [f"{t}: {m}" for t, f in rep["files"].items() for m in f.get("failures", [])]
     if fails: raise ExportCheckError(f"{out/'export.json'}: GGUF check failed:\n" + "\n".join(fails))

@@ -5,6 +5,8 @@ import pytest
 from conftest import SHARED
 
 ex = pytest.importorskip("anita.export")
+# a conversion and a check per file: a few minutes on a quiet 2-core CPU, far more when the machine is shared
+pytestmark = pytest.mark.timeout(3600)
 
 @pytest.fixture(scope="module")
 def converter():
@@ -15,7 +17,7 @@ def embedded_export(converter, tmp_path_factory):
     "The embedded model exported to f16 and q8_0 (and q4_k_m with llama-cpp-python), checked."
     out = tmp_path_factory.mktemp("export")
     types = ["f16", "q8_0"] + (["q4_k_m"] if ex.llama_cpp_available() else [])
-    return out, ex.export_model("embedded", out, types, log=lambda s: None)
+    return out, ex.export_model("embedded", out, types, prompts=ex.CHECK_PROMPTS[:2], max_new_tokens=8, log=lambda s: None)
 
 def test_converter_has_its_own_gguf(converter):
     import gguf
@@ -56,7 +58,7 @@ def test_check_can_fail(embedded_export):
     src = ex.source_dir("embedded")
     tok = AutoTokenizer.from_pretrained(str(src)); ref = AutoModelForCausalLM.from_pretrained(str(src)).eval()
     r = ex.check_gguf(out/rep["files"]["q8_0"]["file"], "f32", ref, tok, ex.prompt_texts(tok, ex.CHECK_PROMPTS[:2]),
-                      "<|im_end|>", llama_cpp=False)
+                      "<|im_end|>", max_new_tokens=2, llama_cpp=False)
     assert any("relative difference" in m for m in r["failures"])
 
 def test_chat_loads_gguf(embedded_export):
