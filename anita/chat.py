@@ -61,7 +61,12 @@ def stream_chat(model, tok, messages, temperature:float=0.6, top_p:float=0.9, ma
 
 # %% ../nbs/10_chat.ipynb #089f9067
 def load_chat_model(name:str="embedded"):
-    "Model and tokenizer for the chat (see `anita.sentiment.load_model`)."
+    "Model and tokenizer for the chat: a GGUF file (see `anita.export.load_gguf`), else a name or folder (see `anita.sentiment.load_model`)."
+    if str(name).endswith(".gguf"):
+        from anita.export import load_gguf
+        from anita.core import ensure_pad_token
+        m, tok = load_gguf(name)
+        return m, ensure_pad_token(tok)
     from anita.sentiment import load_model
     return load_model(name)
 
@@ -93,7 +98,7 @@ def build_demo(model="embedded",                       # name/folder, or a (mode
 def parse_args(argv=None):
     "Command-line options of `anita-chat`."
     p = argparse.ArgumentParser("anita-chat", description="Chat with an ANITA model in a local Gradio UI.")
-    p.add_argument("--model", default="embedded", help="Hub id, local folder, `embedded` or `tiny-llama3` (default: embedded)")
+    p.add_argument("--model", default="embedded", help="Hub id, local folder, GGUF file (e.g. runs/demo/13_export/anita-Q8_0.gguf), `embedded` or `tiny-llama3` (default: embedded)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")

@@ -224,9 +224,9 @@ def test_set_coercion(fake):
 @pytest.mark.parametrize("name", ["tiny", "paper"])
 def test_shipped_recipes(name):
     r = load_recipe(name)
-    assert list(r["steps"]) == ["data", "sft", "dpo", "ita", "eval"]
-    assert [s["dir"] for s in r["steps"].values()] == ["01_data", "02_sft", "03_dpo", "04_ita", "05_eval"]
-    assert len(list_steps(r).splitlines()) == 5
+    assert list(r["steps"]) == ["data", "sft", "dpo", "ita", "eval", "export"]
+    assert [s["dir"] for s in r["steps"].values()] == ["01_data", "02_sft", "03_dpo", "04_ita", "05_eval", "13_export"]
+    assert len(list_steps(r).splitlines()) == 6
     nbs = ROOT/"nbs"
     present = [n for n, s in r["steps"].items() if (nbs/s["notebook"]).exists()]
     if not present: pytest.skip("step notebooks not written yet")

@@ -98,28 +98,29 @@ def test_submit_chain_paper(fake_slurm, tmp_path):
                        "ACCOUNT": "proj42", "FAKE_SINFO": "boost_usr_prod|32|gpu:4|2-00:00:00|idle"}, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[:7] == ["prefetch 1001", "data 1002", "sft 1003", "dpo 1004", "ita 1005", "eval 1006", "report 1007"], r.stdout
+    assert lines[:8] == ["prefetch 1001", "data 1002", "sft 1003", "dpo 1004", "ita 1005", "eval 1006", "export 1007",
+                         "report 1008"], r.stdout
     c = calls()
-    assert [x["cmd"] for x in c] == ["sbatch"]*7
-    assert [x["env"]["STEP"] for x in c[:6]] == ["prefetch", "data", "sft", "dpo", "ita", "eval"]
+    assert [x["cmd"] for x in c] == ["sbatch"]*8
+    assert [x["env"]["STEP"] for x in c[:7]] == ["prefetch", "data", "sft", "dpo", "ita", "eval", "export"]
     assert all(x["env"]["RECIPE"] == str(ROOT/"anita"/"recipes"/"paper.yaml") and x["env"]["RUN"] == "p1" for x in c)
     # the prefetch job and the data step (it streams the Italian corpus) run online, the others offline
-    assert [x["env"]["ANITA_OFFLINE"] for x in c] == ["0", "0", "1", "1", "1", "1", "1"]
+    assert [x["env"]["ANITA_OFFLINE"] for x in c] == ["0", "0", "1", "1", "1", "1", "1", "1"]
     # the chain: each job after the previous one succeeded (cancelled when it failed), the report after all of them
     assert [_opt(x["args"], "dependency") for x in c] == [None, "afterok:1001", "afterok:1002", "afterok:1003", "afterok:1004",
-                                                         "afterok:1005", "afterany:1001:1002:1003:1004:1005:1006"]
-    assert [_opt(x["args"], "kill-on-invalid-dep") for x in c] == [None] + ["yes"]*5 + [None]
+                                                         "afterok:1005", "afterok:1006", "afterany:1001:1002:1003:1004:1005:1006:1007"]
+    assert [_opt(x["args"], "kill-on-invalid-dep") for x in c] == [None] + ["yes"]*6 + [None]
     scripts = [Path(x["args"][-1]).name for x in c]
-    assert scripts == ["prefetch.sbatch"] + ["step.sbatch"]*4 + ["eval_array.sbatch", "report.sbatch"]
+    assert scripts == ["prefetch.sbatch"] + ["step.sbatch"]*4 + ["eval_array.sbatch", "step.sbatch", "report.sbatch"]
     assert _opt(c[5]["args"], "array") == "0-1" and "%A_%a" in _opt(c[5]["args"], "output")
-    assert [_opt(x["args"], "time") for x in c[1:6]] == ["08:00:00", "48:00:00", "48:00:00", "48:00:00", "12:00:00"]
+    assert [_opt(x["args"], "time") for x in c[1:7]] == ["08:00:00", "48:00:00", "48:00:00", "48:00:00", "12:00:00", "04:00:00"]
     for x in c:
         assert "--requeue" in x["args"] and "--parsable" in x["args"] and _opt(x["args"], "open-mode") == "append"
         assert _opt(x["args"], "partition") == "boost_usr_prod" and _opt(x["args"], "account") == "proj42"
         assert _opt(x["args"], "output").startswith(str(tmp_path/"runs"/"p1"/"logs"))
         assert _opt(x["args"], "comment") == f"anita:{tmp_path/'runs'/'p1'}"
     # the step jobs requeue themselves before their time limit
-    assert [_opt(x["args"], "signal") for x in c] == [None] + ["B:USR1@120"]*5 + [None]
+    assert [_opt(x["args"], "signal") for x in c] == [None] + ["B:USR1@120"]*6 + [None]
     assert _opt(c[2]["args"], "gpus-per-node") == "1" and _opt(c[2]["args"], "cpus-per-task") == "16"
     assert _opt(c[2]["args"], "job-name") == "anita-p1-sft"
     assert _opt(c[0]["args"], "gpus-per-node") is None                 # the prefetch job needs no GPU
