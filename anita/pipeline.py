@@ -565,8 +565,10 @@ def write_report(rd:str|Path, recipe:dict) -> Path:
     "Write `rd/report.md` and `rd/report.html` from the steps' outputs; returns the markdown path."
     import yaml
     rd = Path(rd)
+    from anita.eval import heldout_report_lines
     L = [f"# anita run `{rd.name}` (recipe `{recipe['name']}`)", "",
          f"Generated {_now()} from `{recipe['path']}`." + (f" {recipe['description']}" if recipe.get("description") else ""), "",
+         *heldout_report_lines(rd),   # the held-out figures first: what each step changed (anita.eval)
          "| step | notebook | status | time |", "|---|---|---|---|"]
     for n, st in recipe["steps"].items():
         m = _load(rd/st["dir"]/"manifest.json") or {}
