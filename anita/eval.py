@@ -16,10 +16,10 @@ __all__ = ['SUITES', 'EVALTASKS_DIR', 'CPU_BATCH_SIZE', 'PAPER_TABLES', 'LEADERB
            'HELDOUT_KINDS', 'HELDOUT_FIGURES', 'evaltasks_dir', 'include_paths', 'task_manager', 'resolve_suite',
            'parse_models', 'model_args', 'effective_batch_size', 'make_lm', 'free_lm', 'run_lm_eval', 'extract_metrics',
            'lm_eval_name', 'paper_table', 'paper_averages', 'comparison_table', 'to_markdown', 'bar_chart',
-           'generate_samples', 'number_word', 'minimal_pairs', 'evaluate', 'results_rows', 'write_outputs', 'run_eval',
-           'biased_lm', 'gold_fraction', 'step_rank', 'compare', 'load_heldout', 'row_nll', 'mean_se', 'ratio_se',
-           'loss_figure', 'preference_figure', 'heldout_model_figures', 'step_effects', 'heldout_table',
-           'heldout_report_lines']
+           'generate_samples', 'number_word', 'minimal_pairs', 'step_rank', 'compare', 'load_heldout', 'row_nll',
+           'mean_se', 'ratio_se', 'loss_figure', 'preference_figure', 'heldout_model_figures', 'step_effects',
+           'heldout_table', 'heldout_report_lines', 'evaluate', 'results_rows', 'write_outputs', 'run_eval',
+           'biased_lm', 'gold_fraction']
 
 # %% ../nbs/05_eval.ipynb #fe653313
 def _spec(task, metrics, num_fewshot=None, generate=False): return dict(task=task, metrics=list(metrics), num_fewshot=num_fewshot, generate=generate)
@@ -453,135 +453,6 @@ def minimal_pairs(lang:str="it", n_numbers:int=100, seed:int=0) -> list:
         rows.append(dict(kind="number word", good=say.format(n, number_word(n, lang)), bad=say.format(n, number_word(m, lang))))
     return rows
 
-# %% ../nbs/05_eval.ipynb #db578db4
-def evaluate(models={"embedded": "embedded"}, suite="local", num_fewshot:int=None, limit=None, batch_size="auto",
-             max_batch_size:int=64, backend:str="hf", device:str=None, dtype:str="auto", apply_chat_template:bool=False,
-             system_prompt:str=None, gen_max_new_tokens:int=32, gen_system_prompt:str=ANITA_SYSTEM_PROMPT,
-             log_samples:bool=False, seed:int=42, max_length:int=None, root="runs", run="nbtest", include=None,
-             gpu_memory_utilization:float=0.9, heldout=None, heldout_batch_size:int=8, heldout_max_length:int=1024) -> dict:
-    """Evaluate each model on the suite (and on the `heldout` rows); returns `{params, suite, models: {name: {...}}}` with
-    lm-eval's raw outputs under `raw`. One model at a time, freed before the next backend or model loads."""
-    seed_everything(seed)
-    inc = include_paths(include)
-    models, tm = parse_models(models, root, run), task_manager(True, inc)
-    specs = resolve_suite(suite, tm)
-    if backend not in ("hf", "vllm", "auto"): raise ValueError(f"backend: expected 'hf', 'vllm' or 'auto', got {backend!r}")
-    if not 0 < gpu_memory_utilization <= 1: raise ValueError(f"gpu_memory_utilization: expected a share in (0, 1], got {gpu_memory_utilization!r}")
-    held = load_heldout(heldout) if heldout else {}
-    params = dict(suite=suite, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, max_batch_size=max_batch_size,
-                  batch_size_effective=effective_batch_size(batch_size, device, max_length), max_length=max_length,
-                  backend=backend, dtype=dtype, apply_chat_template=apply_chat_template, system_prompt=system_prompt,
-                  gen_max_new_tokens=gen_max_new_tokens, gen_system_prompt=gen_system_prompt, seed=seed, include=list(inc),
-                  gpu_memory_utilization=gpu_memory_utilization, heldout=str(heldout) if heldout else None)
-    res = dict(params=params, suite=specs, models={})
-    for name, ref in models.items():
-        t0 = time.time()
-        if backend == "auto" and _has_vllm():
-            route = [("hf", [s for s in specs if not s.get("generate")]), ("vllm", [s for s in specs if s.get("generate")])]
-        else: route = [("hf" if backend == "auto" else backend, specs)]
-        route = [(b, sp) for b, sp in route if sp]
-        if held and not any(b == "hf" for b, _ in route): route = [("hf", [])] + route   # held-out figures need the HF model
-        raw, eval_s, gens, figs = {}, 0.0, [], None
-        for j, (be, sp) in enumerate(route):
-            lm = make_lm(ref, be, batch_size, max_batch_size, device, dtype, max_length, gpu_memory_utilization=gpu_memory_utilization)
-            try:
-                if sp:
-                    t1 = time.time()
-                    r = run_lm_eval(lm, sp, tm, num_fewshot, limit, apply_chat_template, system_prompt, log_samples, seed)
-                    eval_s += time.time() - t1
-                    for k, v in r.items():
-                        if isinstance(v, dict): raw.setdefault(k, {}).update(v)
-                        else: raw.setdefault(k, []).extend(v)
-                if held and be == "hf": figs = heldout_model_figures(lm.model, lm.tokenizer, held, heldout_max_length, heldout_batch_size)
-                if j == len(route) - 1 and gen_max_new_tokens:
-                    gens = generate_samples(lm, system_prompt=gen_system_prompt, max_new_tokens=gen_max_new_tokens)
-            finally:
-                if isinstance(ref, str): free_lm(lm)    # ours: before vLLM starts, and before the next model
-                del lm
-        elapsed = time.time() - t0
-        n_docs = {t: (v.get("effective") if isinstance(v, dict) else v) for t, v in raw.get("n-samples", {}).items()}
-        res["models"][name] = dict(model=ref if isinstance(ref, str) else type(ref).__name__,
-                                   model_args=model_args(ref) if isinstance(ref, str) else None, backend=[b for b, sp in route if sp],
-                                   metrics=extract_metrics(raw, specs, f"lm-eval output of {name!r}"),
-                                   stderr=extract_metrics(raw, specs, f"lm-eval output of {name!r}", stderr=True),
-                                   n_shot=raw.get("n-shot", {}), n_docs=n_docs, elapsed_s=round(elapsed, 2), eval_s=round(eval_s, 2),
-                                   docs_per_s=round(sum(v or 0 for v in n_docs.values())/max(eval_s, 1e-9), 3),
-                                   generations=gens, heldout=figs, raw=raw)
-    return res
-
-# %% ../nbs/05_eval.ipynb #fd0023ca
-def results_rows(results:dict) -> list:
-    "Long rows `model, task, metric, value` of a results dict."
-    return [dict(model=n, task=t, metric=k, value=v) for n, m in results["models"].items()
-            for t, mets in m["metrics"].items() for k, v in mets.items()]
-
-def write_outputs(results:dict, out_dir) -> list:
-    "Write results.json/.csv, table.md, chart.png, generations.json, report.json and lm_eval/<name>.json; returns the paths."
-    from lm_eval.utils import handle_non_serializable
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, m in results["models"].items():
-        raw = {k: v for k, v in (m.get("raw") or {}).items() if k != "samples"}
-        fp = out/"lm_eval"/(re.sub(r"[^\w.-]", "_", name) + ".json")
-        with atomic_write(fp) as f: json.dump(raw, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        paths.append(fp)
-    slim = dict(results, models={n: {k: v for k, v in m.items() if k != "raw"} for n, m in results["models"].items()})
-    paths.append(write_json(out/"results.json", slim))
-    with atomic_write(out/"results.csv") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "task", "metric", "value"]); w.writeheader(); w.writerows(results_rows(results))
-    paths.append(out/"results.csv")
-    df = comparison_table(results)
-    p = results["params"]
-    head = (f"# Evaluation: suite `{p['suite']}`\n\nfew-shot: {p['num_fewshot'] if p['num_fewshot'] is not None else 'task default'}, "
-            f"limit: {p['limit']}, batch size: {p['batch_size']}, backend: {p['backend']}, chat template: {p['apply_chat_template']}, "
-            f"system prompt: {p['system_prompt']!r}.\n`paper:` columns: Polignano et al. 2024, Tables 1 (EN) and 2 (IT); `leaderboard:` "
-            f"= Open Ita LLM Leaderboard, not in the paper (see anita/paper/README.md). Averages: `printed` = the paper's, "
-            f"`recomputed` = the mean of the column's cells of that table. Δ = this run − paper ANITA.\n\n")
-    with atomic_write(out/"table.md") as f: f.write(head + to_markdown(df))
-    paths.append(out/"table.md")
-    paths.append(bar_chart(df, out/"chart.png", title=f"anita eval: {p['suite']}"))
-    paths.append(write_json(out/"generations.json", [dict(model=n, **g) for n, m in results["models"].items() for g in m["generations"]]))
-    rep = {n: dict(elapsed_s=m["elapsed_s"], eval_s=m["eval_s"], docs_per_s=m["docs_per_s"],
-                   **{f"{t}.{k}": round(v, 4) for t, mets in m["metrics"].items() for k, v in mets.items()})
-           for n, m in results["models"].items()}
-    paths.append(write_json(out/"report.json", dict(suite=p["suite"], models=rep)))
-    if any(m.get("heldout") for m in results["models"].values()):
-        paths.append(write_json(out/"heldout.json", dict(models={n: m.get("heldout") for n, m in results["models"].items()},
-                                                         effects=step_effects(results))))
-        with atomic_write(out/"heldout.md") as f:
-            f.write("## Held-out figures: what each step changed\n\nOn rows no step trained on (the data step's `heldout/`), "
-                    "mean ± standard error over rows; step's change = this step's model − the one before it, on the same rows, "
-                    "± the paired standard error; ✓ = the intended direction and more than twice that error. Loss = mean "
-                    "negative log-likelihood per token (nats).\n\n" + heldout_table(results))
-        paths.append(out/"heldout.md")
-    return [str(x) for x in paths]
-
-def run_eval(run="nbtest", root="runs", **kw) -> dict:
-    "The evaluation step: `evaluate(**kw)` and `write_outputs` into `root/run/05_eval`, with a run manifest."
-    d = run_dir(run, "05_eval", root)
-    models = parse_models(kw.get("models", {"embedded": "embedded"}), root, run)
-    inputs = {n: r for n, r in models.items() if isinstance(r, str) and Path(r).exists()}
-    with step_manifest(d, "05_eval", {k: (v if isinstance(v, (str, int, float, bool, type(None), dict, list)) else str(v))
-                                      for k, v in kw.items()}, inputs) as outs:
-        res = evaluate(root=root, run=run, **kw)
-        outs += write_outputs(res, d)
-    return res
-
-# %% ../nbs/05_eval.ipynb #601723c2
-def biased_lm(ref="embedded", letter:str="B", boost:float=100.0, **kw):
-    "An lm-eval `hf` LM whose model always prefers the answer `letter` (a forward hook on the output layer)."
-    lm = make_lm(ref, "hf", **kw)
-    tok_id = lm.tokenizer.encode(f" {letter}", add_special_tokens=False)[-1]
-    def hook(mod, inp, out): out[..., tok_id] += boost; return out
-    lm.model.get_output_embeddings().register_forward_hook(hook)
-    return lm
-
-def gold_fraction(task:str, letter:str) -> float:
-    "The fraction of test items of an anita offline task whose gold answer is `letter`."
-    rows = [json.loads(l) for l in (evaltasks_dir()/f"mc_{task.split('_')[-1]}.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
-    test = [r for r in rows if r.get("split", "test") == "test"]
-    return sum(r["answer"] == letter for r in test)/len(test)
-
 # %% ../nbs/05_eval.ipynb #07eeaac2
 STEP_ORDER = ("base", "sft", "dpo", "ita")
 _STEP_DIRS = {"02_sft": 1, "03_dpo": 2, "04_ita": 3}
@@ -773,3 +644,132 @@ def heldout_report_lines(rd) -> list:
     p = Path(rd)/"05_eval"/"heldout.md"
     if not p.exists(): return []
     return [p.read_text(encoding="utf-8").strip(), ""]
+
+# %% ../nbs/05_eval.ipynb #db578db4
+def evaluate(models={"embedded": "embedded"}, suite="local", num_fewshot:int=None, limit=None, batch_size="auto",
+             max_batch_size:int=64, backend:str="hf", device:str=None, dtype:str="auto", apply_chat_template:bool=False,
+             system_prompt:str=None, gen_max_new_tokens:int=32, gen_system_prompt:str=ANITA_SYSTEM_PROMPT,
+             log_samples:bool=False, seed:int=42, max_length:int=None, root="runs", run="nbtest", include=None,
+             gpu_memory_utilization:float=0.9, heldout=None, heldout_batch_size:int=8, heldout_max_length:int=1024) -> dict:
+    """Evaluate each model on the suite (and on the `heldout` rows); returns `{params, suite, models: {name: {...}}}` with
+    lm-eval's raw outputs under `raw`. One model at a time, freed before the next backend or model loads."""
+    seed_everything(seed)
+    inc = include_paths(include)
+    models, tm = parse_models(models, root, run), task_manager(True, inc)
+    specs = resolve_suite(suite, tm)
+    if backend not in ("hf", "vllm", "auto"): raise ValueError(f"backend: expected 'hf', 'vllm' or 'auto', got {backend!r}")
+    if not 0 < gpu_memory_utilization <= 1: raise ValueError(f"gpu_memory_utilization: expected a share in (0, 1], got {gpu_memory_utilization!r}")
+    held = load_heldout(heldout) if heldout else {}
+    params = dict(suite=suite, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, max_batch_size=max_batch_size,
+                  batch_size_effective=effective_batch_size(batch_size, device, max_length), max_length=max_length,
+                  backend=backend, dtype=dtype, apply_chat_template=apply_chat_template, system_prompt=system_prompt,
+                  gen_max_new_tokens=gen_max_new_tokens, gen_system_prompt=gen_system_prompt, seed=seed, include=list(inc),
+                  gpu_memory_utilization=gpu_memory_utilization, heldout=str(heldout) if heldout else None)
+    res = dict(params=params, suite=specs, models={})
+    for name, ref in models.items():
+        t0 = time.time()
+        if backend == "auto" and _has_vllm():
+            route = [("hf", [s for s in specs if not s.get("generate")]), ("vllm", [s for s in specs if s.get("generate")])]
+        else: route = [("hf" if backend == "auto" else backend, specs)]
+        route = [(b, sp) for b, sp in route if sp]
+        if held and not any(b == "hf" for b, _ in route): route = [("hf", [])] + route   # held-out figures need the HF model
+        raw, eval_s, gens, figs = {}, 0.0, [], None
+        for j, (be, sp) in enumerate(route):
+            lm = make_lm(ref, be, batch_size, max_batch_size, device, dtype, max_length, gpu_memory_utilization=gpu_memory_utilization)
+            try:
+                if sp:
+                    t1 = time.time()
+                    r = run_lm_eval(lm, sp, tm, num_fewshot, limit, apply_chat_template, system_prompt, log_samples, seed)
+                    eval_s += time.time() - t1
+                    for k, v in r.items():
+                        if isinstance(v, dict): raw.setdefault(k, {}).update(v)
+                        else: raw.setdefault(k, []).extend(v)
+                if held and be == "hf": figs = heldout_model_figures(lm.model, lm.tokenizer, held, heldout_max_length, heldout_batch_size)
+                if j == len(route) - 1 and gen_max_new_tokens:
+                    gens = generate_samples(lm, system_prompt=gen_system_prompt, max_new_tokens=gen_max_new_tokens)
+            finally:
+                if isinstance(ref, str): free_lm(lm)    # ours: before vLLM starts, and before the next model
+                del lm
+        elapsed = time.time() - t0
+        n_docs = {t: (v.get("effective") if isinstance(v, dict) else v) for t, v in raw.get("n-samples", {}).items()}
+        res["models"][name] = dict(model=ref if isinstance(ref, str) else type(ref).__name__,
+                                   model_args=model_args(ref) if isinstance(ref, str) else None, backend=[b for b, sp in route if sp],
+                                   metrics=extract_metrics(raw, specs, f"lm-eval output of {name!r}"),
+                                   stderr=extract_metrics(raw, specs, f"lm-eval output of {name!r}", stderr=True),
+                                   n_shot=raw.get("n-shot", {}), n_docs=n_docs, elapsed_s=round(elapsed, 2), eval_s=round(eval_s, 2),
+                                   docs_per_s=round(sum(v or 0 for v in n_docs.values())/max(eval_s, 1e-9), 3),
+                                   generations=gens, heldout=figs, raw=raw)
+    return res
+
+# %% ../nbs/05_eval.ipynb #fd0023ca
+def results_rows(results:dict) -> list:
+    "Long rows `model, task, metric, value` of a results dict."
+    return [dict(model=n, task=t, metric=k, value=v) for n, m in results["models"].items()
+            for t, mets in m["metrics"].items() for k, v in mets.items()]
+
+def write_outputs(results:dict, out_dir) -> list:
+    "Write results.json/.csv, table.md, chart.png, generations.json, report.json and lm_eval/<name>.json; returns the paths."
+    from lm_eval.utils import handle_non_serializable
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, m in results["models"].items():
+        raw = {k: v for k, v in (m.get("raw") or {}).items() if k != "samples"}
+        fp = out/"lm_eval"/(re.sub(r"[^\w.-]", "_", name) + ".json")
+        with atomic_write(fp) as f: json.dump(raw, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        paths.append(fp)
+    slim = dict(results, models={n: {k: v for k, v in m.items() if k != "raw"} for n, m in results["models"].items()})
+    paths.append(write_json(out/"results.json", slim))
+    with atomic_write(out/"results.csv") as f:
+        w = csv.DictWriter(f, fieldnames=["model", "task", "metric", "value"]); w.writeheader(); w.writerows(results_rows(results))
+    paths.append(out/"results.csv")
+    df = comparison_table(results)
+    p = results["params"]
+    head = (f"# Evaluation: suite `{p['suite']}`\n\nfew-shot: {p['num_fewshot'] if p['num_fewshot'] is not None else 'task default'}, "
+            f"limit: {p['limit']}, batch size: {p['batch_size']}, backend: {p['backend']}, chat template: {p['apply_chat_template']}, "
+            f"system prompt: {p['system_prompt']!r}.\n`paper:` columns: Polignano et al. 2024, Tables 1 (EN) and 2 (IT); `leaderboard:` "
+            f"= Open Ita LLM Leaderboard, not in the paper (see anita/paper/README.md). Averages: `printed` = the paper's, "
+            f"`recomputed` = the mean of the column's cells of that table. Δ = this run − paper ANITA.\n\n")
+    with atomic_write(out/"table.md") as f: f.write(head + to_markdown(df))
+    paths.append(out/"table.md")
+    paths.append(bar_chart(df, out/"chart.png", title=f"anita eval: {p['suite']}"))
+    paths.append(write_json(out/"generations.json", [dict(model=n, **g) for n, m in results["models"].items() for g in m["generations"]]))
+    rep = {n: dict(elapsed_s=m["elapsed_s"], eval_s=m["eval_s"], docs_per_s=m["docs_per_s"],
+                   **{f"{t}.{k}": round(v, 4) for t, mets in m["metrics"].items() for k, v in mets.items()})
+           for n, m in results["models"].items()}
+    paths.append(write_json(out/"report.json", dict(suite=p["suite"], models=rep)))
+    if any(m.get("heldout") for m in results["models"].values()):
+        paths.append(write_json(out/"heldout.json", dict(models={n: m.get("heldout") for n, m in results["models"].items()},
+                                                         effects=step_effects(results))))
+        with atomic_write(out/"heldout.md") as f:
+            f.write("## Held-out figures: what each step changed\n\nOn rows no step trained on (the data step's `heldout/`), "
+                    "mean ± standard error over rows; step's change = this step's model − the one before it, on the same rows, "
+                    "± the paired standard error; ✓ = the intended direction and more than twice that error. Loss = mean "
+                    "negative log-likelihood per token (nats).\n\n" + heldout_table(results))
+        paths.append(out/"heldout.md")
+    return [str(x) for x in paths]
+
+def run_eval(run="nbtest", root="runs", **kw) -> dict:
+    "The evaluation step: `evaluate(**kw)` and `write_outputs` into `root/run/05_eval`, with a run manifest."
+    d = run_dir(run, "05_eval", root)
+    models = parse_models(kw.get("models", {"embedded": "embedded"}), root, run)
+    inputs = {n: r for n, r in models.items() if isinstance(r, str) and Path(r).exists()}
+    with step_manifest(d, "05_eval", {k: (v if isinstance(v, (str, int, float, bool, type(None), dict, list)) else str(v))
+                                      for k, v in kw.items()}, inputs) as outs:
+        res = evaluate(root=root, run=run, **kw)
+        outs += write_outputs(res, d)
+    return res
+
+# %% ../nbs/05_eval.ipynb #601723c2
+def biased_lm(ref="embedded", letter:str="B", boost:float=100.0, **kw):
+    "An lm-eval `hf` LM whose model always prefers the answer `letter` (a forward hook on the output layer)."
+    lm = make_lm(ref, "hf", **kw)
+    tok_id = lm.tokenizer.encode(f" {letter}", add_special_tokens=False)[-1]
+    def hook(mod, inp, out): out[..., tok_id] += boost; return out
+    lm.model.get_output_embeddings().register_forward_hook(hook)
+    return lm
+
+def gold_fraction(task:str, letter:str) -> float:
+    "The fraction of test items of an anita offline task whose gold answer is `letter`."
+    rows = [json.loads(l) for l in (evaltasks_dir()/f"mc_{task.split('_')[-1]}.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    test = [r for r in rows if r.get("split", "test") == "test"]
+    return sum(r["answer"] == letter for r in test)/len(test)
