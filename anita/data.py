@@ -15,16 +15,16 @@ __all__ = ['SFT_HUB', 'DPO_HUB', 'ITA_HUB', 'SAMPLE_FILES', 'ALPACA_PREAMBLE', '
            'ALPACA_TEMPLATE_INPUT', 'MC4_IT_CONFIGS', 'STEP_COLUMNS', 'sample_path', 'local_data_files', 'load_source',
            'iter_rows', 'eot_token', 'bos_string', 'get_tokenizer', 'BadRows', 'eval_texts', 'ngram_index',
            'contaminated', 'data_report', 'strip_markers', 'alpaca_prompt', 'prepare_sft', 'split_pair', 'prepare_dpo',
-           'mc4_it_files', 'reservoir_sample', 'prepare_ita', 'token_lengths', 'length_stats', 'plot_token_lengths',
-           'run_data_step']
+           'mc4_it_files', 'reservoir_sample', 'prepare_ita', 'token_lengths', 'length_stats', 'split_heldout',
+           'plot_token_lengths', 'run_data_step']
 
 # %% ../nbs/01_data.ipynb #ba5dfc71
 SFT_HUB = "Chat-Error/wizard_alpaca_dolly_orca"
 DPO_HUB = "mlabonne/orpo-dpo-mix-40k"
 ITA_HUB = "gsarti/clean_mc4_it"
-SAMPLE_FILES = dict(sft="sft_sample.jsonl", dpo="dpo_sample.jsonl", ita="mc4_it_sample.jsonl")
+SAMPLE_FILES = dict(sft="sft_sample.jsonl", dpo="dpo_sample.jsonl", ita="mc4_it_sample.jsonl", en="en_text_sample.jsonl")
 
-def sample_path(kind:str # `sft`, `dpo` or `ita`
+def sample_path(kind:str # `sft`, `dpo`, `ita` or `en` (English paragraphs, held-out text only)
                ) -> Path:
     "Path of a sample shipped in `anita/samples/` (real schema, written for this project)."
     if kind not in SAMPLE_FILES: raise ValueError(f"kind={kind!r}: expected one of {sorted(SAMPLE_FILES)}")
@@ -427,6 +427,18 @@ def length_stats(lengths:list) -> dict:
     pct = lambda q: s[min(len(s)-1, max(0, -(-q*len(s)//100) - 1))]
     return dict(count=len(s), mean=round(sum(s)/len(s), 1), min=s[0], p50=pct(50), p90=pct(90), p95=pct(95), p99=pct(99), max=s[-1])
 
+# %% ../nbs/01_data.ipynb #b18e78b1
+def split_heldout(ds,                 # a `datasets.Dataset`
+                  n:int,              # rows to hold out (0: none)
+                  seed:int=42,
+                  name:str="dataset"  # named in errors
+                 ) -> tuple:
+    "`(train, heldout)`: `n` rows chosen at random (seeded) are held out; the training rows keep their order."
+    if not n: return ds, ds.select([])
+    if n < 0 or n >= len(ds): raise ValueError(f"{name}: n_heldout={n} must be between 0 and the {len(ds)} rows minus one (no training rows left)")
+    out = set(random.Random(seed).sample(range(len(ds)), n))
+    return ds.select([i for i in range(len(ds)) if i not in out]), ds.select(sorted(out))
+
 # %% ../nbs/01_data.ipynb #0cc5033e
 STEP_COLUMNS = dict(sft=("prompt", "completion"), dpo=("prompt", "chosen"), ita=("text",))
 
@@ -455,26 +467,44 @@ def run_data_step(run:str="nbtest", root="runs",
                   n_sft:int=None, n_dpo:int=None,  # keep only the first rows (None: all)
                   n_ita:int=100_000, seed:int=42, ita_config:str="tiny", ita_max_files:int=None,
                   exclude_sources=("toxic-dpo-v0.2",), system_prompt:str=None,
-                  max_bad_frac:float=0.05, decontaminate=None, ngram:int=13) -> dict:
-    "Prepare SFT, DPO and Italian data into `run_dir(run, '01_data', root)`; returns the report."
+                  max_bad_frac:float=0.05, decontaminate=None, ngram:int=13,
+                  n_heldout_sft:int=0, n_heldout_dpo:int=0, n_heldout_ita:int=0,  # rows held out of training (`heldout/`)
+                  en_source=None, n_heldout_en:int=0) -> dict:                   # English paragraphs (None: the shipped sample)
+    "Prepare SFT, DPO and Italian data (and held-out splits) into `run_dir(run, '01_data', root)`; returns the report."
     step = run_dir(run, "01_data", root)
     srcs = dict(sft=sft_source or str(sample_path("sft")), dpo=dpo_source or str(sample_path("dpo")),
                 ita=ita_source or str(sample_path("ita")))
     decontaminate = eval_texts(decontaminate)
     params = dict(model=model, n_sft=n_sft, n_dpo=n_dpo, n_ita=n_ita, seed=seed, ita_config=ita_config,
                   ita_max_files=ita_max_files, exclude_sources=list(exclude_sources or ()), system_prompt=system_prompt,
-                  max_bad_frac=max_bad_frac, decontaminate=len(decontaminate or []), ngram=ngram)
+                  max_bad_frac=max_bad_frac, decontaminate=len(decontaminate or []), ngram=ngram,
+                  n_heldout=dict(sft=n_heldout_sft, dpo=n_heldout_dpo, ita=n_heldout_ita, en=n_heldout_en))
+    if n_heldout_en: srcs["en"] = en_source or str(sample_path("en"))
     with step_manifest(step, "01_data", params, inputs=srcs) as outputs:
         tok = get_tokenizer(model)
         common = dict(max_bad_frac=max_bad_frac, decontaminate=decontaminate, ngram=ngram, return_report=True)
         dss = dict(sft=prepare_sft(srcs["sft"], tok, limit=n_sft, **common),
                    dpo=prepare_dpo(srcs["dpo"], tok, exclude_sources=exclude_sources, system_prompt=system_prompt,
                                    limit=n_dpo, **common),
-                   ita=prepare_ita(srcs["ita"], tok, n=n_ita, seed=seed, config=ita_config, max_files=ita_max_files, **common))
+                   ita=prepare_ita(srcs["ita"], tok, n=n_ita + n_heldout_ita, seed=seed, config=ita_config,
+                                   max_files=ita_max_files, **common))
+        held = {}
+        for k, n_ho in (("sft", n_heldout_sft), ("dpo", n_heldout_dpo), ("ita", n_heldout_ita)):
+            ds, rep = dss[k]
+            tr, held[k] = split_heldout(ds, n_ho, seed, f"{srcs[k]} ({k}, n_heldout_{k})")
+            if n_ho:
+                rep = dict(rep, rows_out=len(tr), heldout=len(held[k]))
+                dss[k] = (_dataset(tr.to_list(), tuple(tr.column_names), rep), rep)
+        if n_heldout_en:
+            held["en"], rep_en = prepare_ita(srcs["en"], tok, n=n_heldout_en, seed=seed, max_bad_frac=max_bad_frac, return_report=True)
+            if len(held["en"]) < n_heldout_en: raise ValueError(f"{srcs['en']}: {len(held['en'])} paragraphs, n_heldout_en={n_heldout_en}")
         lengths = {k: token_lengths(ds, tok, STEP_COLUMNS[k]) for k, (ds, _) in dss.items()}
         report = dict(tokenizer=getattr(tok, "name_or_path", str(model)), sources=srcs,
                       **{k: dict(rep, token_lengths=length_stats(lengths[k])) for k, (_, rep) in dss.items()})
+        report["heldout"] = {k: len(v) for k, v in held.items() if len(v)}
         for k, (ds, _) in dss.items(): outputs.append(_save(ds, step/k))
+        for k, ds in held.items():
+            if len(ds): outputs.append(_save(ds, step/"heldout"/k))
         outputs.append(write_json(step/"report.json", report))
         outputs.append(plot_token_lengths(lengths, step/"token_lengths.png"))
     return report

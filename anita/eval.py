@@ -11,11 +11,15 @@ from .core import (ANITA_SYSTEM_PROMPT, atomic_write, write_json, read_json, dev
                         step_manifest, seed_everything, ensure_pad_token)
 
 # %% auto #0
-__all__ = ['SUITES', 'EVALTASKS_DIR', 'CPU_BATCH_SIZE', 'PAPER_TABLES', 'ANITA_MODEL', 'SAMPLE_PROMPTS', 'STEP_ORDER',
-           'evaltasks_dir', 'task_manager', 'resolve_suite', 'parse_models', 'model_args', 'effective_batch_size',
-           'make_lm', 'run_lm_eval', 'extract_metrics', 'paper_table', 'comparison_table', 'to_markdown', 'bar_chart',
-           'generate_samples', 'evaluate', 'results_rows', 'write_outputs', 'run_eval', 'biased_lm', 'gold_fraction',
-           'step_rank', 'compare']
+__all__ = ['SUITES', 'EVALTASKS_DIR', 'CPU_BATCH_SIZE', 'PAPER_TABLES', 'LEADERBOARD_TABLES', 'ANITA_MODEL', 'PAPER_TASKS',
+           'PAPER_METRICS', 'SAMPLE_PROMPTS', 'IT_NOUNS', 'IT_ADJS', 'EN_NOUNS', 'EN_VERBS', 'STEP_ORDER',
+           'HELDOUT_KINDS', 'HELDOUT_FIGURES', 'evaltasks_dir', 'include_paths', 'task_manager', 'resolve_suite',
+           'parse_models', 'model_args', 'effective_batch_size', 'make_lm', 'free_lm', 'run_lm_eval', 'extract_metrics',
+           'lm_eval_name', 'paper_table', 'paper_averages', 'comparison_table', 'to_markdown', 'bar_chart',
+           'generate_samples', 'number_word', 'minimal_pairs', 'step_rank', 'compare', 'load_heldout', 'row_nll',
+           'mean_se', 'ratio_se', 'loss_figure', 'preference_figure', 'heldout_model_figures', 'step_effects',
+           'heldout_table', 'heldout_report_lines', 'evaluate', 'results_rows', 'write_outputs', 'run_eval',
+           'biased_lm', 'gold_fraction']
 
 # %% ../nbs/05_eval.ipynb #fe653313
 def _spec(task, metrics, num_fewshot=None, generate=False): return dict(task=task, metrics=list(metrics), num_fewshot=num_fewshot, generate=generate)
@@ -28,6 +32,7 @@ SUITES = {
     "paper_it": [_spec("m_mmlu_it", ["acc"], num_fewshot=5), _spec("arc_it", ["acc_norm"]), _spec("hellaswag_it", ["acc_norm"])],
     "local":    [_spec("anita_mc_en", ["acc", "acc_norm"]), _spec("anita_mc_it", ["acc", "acc_norm"]),
                  _spec("anita_arith", _GSM, generate=True)],
+    "pairs":    [_spec("anita_pairs_it", ["acc"]), _spec("anita_pairs_en", ["acc"])],
 }
 SUITES["paper"] = SUITES["paper_en"] + SUITES["paper_it"]
 EVALTASKS_DIR = Path(__file__).resolve().parent/"evaltasks" if "__file__" in globals() else None
@@ -41,11 +46,26 @@ def evaltasks_dir() -> Path:
     if not d.is_dir(): raise FileNotFoundError(f"{d}: anita's evaltasks folder is missing")
     return d
 
+def include_paths(include=None) -> tuple:
+    "Extra lm-eval task folders as a tuple of absolute paths, from a path, a comma-separated string or a list; each must hold task YAMLs."
+    if not include: return ()
+    items = [s.strip() for s in str(include).split(",")] if isinstance(include, (str, Path)) else [str(s).strip() for s in include]
+    out = []
+    for s in filter(None, items):
+        p = Path(s).expanduser().absolute()
+        if not p.is_dir():
+            raise FileNotFoundError(f"include: {p} is not a folder (relative paths are taken from {Path.cwd()}; anita-run runs the step "
+                                    f"in the run folder, so give it an absolute path)")
+        if not any(p.rglob("*.yaml")) and not any(p.rglob("*.yml")): raise ValueError(f"include: {p} holds no lm-eval task YAML files")
+        out.append(str(p))
+    return tuple(dict.fromkeys(out))
+
 @functools.lru_cache(maxsize=4)
-def task_manager(include_local:bool=True):
-    "lm-eval's `TaskManager` (task registry) with anita's offline tasks added; cached (indexing takes a few seconds)."
+def task_manager(include_local:bool=True, include:tuple=()):
+    "lm-eval's `TaskManager` (task registry) with anita's offline tasks and the `include` folders added; cached (indexing takes a few seconds)."
     from lm_eval.tasks import TaskManager
-    return TaskManager(include_path=str(evaltasks_dir()) if include_local else None, verbosity="ERROR")
+    paths = ([str(evaltasks_dir())] if include_local else []) + list(include_paths(include))
+    return TaskManager(include_path=paths or None, verbosity="ERROR")
 
 # %% ../nbs/05_eval.ipynb #5c5224f8
 def resolve_suite(suite, tm=None) -> list:
@@ -123,7 +143,7 @@ def effective_batch_size(batch_size, device:str=None, max_length:int=None):
     return int(batch_size) if str(batch_size).isdigit() else batch_size
 
 def make_lm(ref, backend:str="hf", batch_size="auto", max_batch_size:int=64, device:str=None, dtype:str="auto",
-            max_length:int=None, **kw):
+            max_length:int=None, gpu_memory_utilization:float=0.9, **kw):
     "An lm-eval LM for `ref` (an lm-eval LM object is returned as is) with the `hf` or `vllm` backend."
     from lm_eval.api.model import LM
     if isinstance(ref, LM): return ref
@@ -133,12 +153,35 @@ def make_lm(ref, backend:str="hf", batch_size="auto", max_batch_size:int=64, dev
         if not _has_vllm(): raise ImportError("backend='vllm' needs the `vllm` package (GPU only): pip install vllm, or use backend='hf'")
         if "peft" in args: raise ValueError(f"{ref}: vLLM evaluates merged models; pass the merged folder, not the adapter")
         from lm_eval.models.vllm_causallms import VLLM
-        return VLLM(pretrained=args["pretrained"], dtype=dtype, batch_size=batch_size, max_batch_size=max_batch_size, **kw)
+        return VLLM(pretrained=args["pretrained"], dtype=dtype, batch_size=batch_size, max_batch_size=max_batch_size,
+                    gpu_memory_utilization=gpu_memory_utilization, **kw)
     if backend != "hf": raise ValueError(f"backend: expected 'hf', 'vllm' or 'auto', got {backend!r}")
     from lm_eval.models.huggingface import HFLM
     device = device or device_info()["device"]
     return HFLM(**args, device=device, dtype=dtype, batch_size=effective_batch_size(batch_size, device, max_length),
                 max_batch_size=max_batch_size, **kw)
+
+def free_lm(lm) -> None:
+    """Drop an lm-eval LM's model and give its GPU memory back: the HF model before vLLM starts (vLLM takes
+    `gpu_memory_utilization` of the whole GPU at start), and every model before the next one loads."""
+    import gc
+    llm = lm.__dict__.get("model") if hasattr(lm, "__dict__") else None
+    if llm is not None and hasattr(llm, "llm_engine"):           # vLLM: stop its engine (worker processes) first
+        for stop in (lambda: llm.llm_engine.engine_core.shutdown(), lambda: llm.llm_engine.shutdown()):
+            try: stop(); break
+            except Exception: pass
+    for a in ("_model", "model"):                                 # HFLM keeps `_model`, lm-eval's VLLM `model`
+        if a in getattr(lm, "__dict__", {}): setattr(lm, a, None)
+    del llm
+    gc.collect()
+    if importlib_util.find_spec("vllm") and importlib_util.find_spec("torch"):
+        try:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+            destroy_model_parallel(); destroy_distributed_environment()
+        except Exception: pass
+    if "torch" in __import__("sys").modules:
+        import torch
+        if torch.cuda.is_available(): torch.cuda.empty_cache()
 
 # %% ../nbs/05_eval.ipynb #84114f29
 def run_lm_eval(lm, specs:list, tm=None, num_fewshot:int=None, limit=None, apply_chat_template:bool=False,
@@ -163,8 +206,8 @@ def run_lm_eval(lm, specs:list, tm=None, num_fewshot:int=None, limit=None, apply
     out["runs"] = runs
     return out
 
-def extract_metrics(raw, specs:list=None, source:str="lm-eval output") -> dict:
-    "`{task: {metric: value}}` from an lm-eval output dict (or its JSON file); the metrics named in `specs`, else all."
+def extract_metrics(raw, specs:list=None, source:str="lm-eval output", stderr:bool=False) -> dict:
+    "`{task: {metric: value}}` from an lm-eval output dict (or its JSON file); the metrics named in `specs`, else all; their standard errors with `stderr`."
     if isinstance(raw, (str, Path)):
         p = Path(raw)
         if not p.exists(): raise FileNotFoundError(f"{p}: no such lm-eval results file")
@@ -183,35 +226,64 @@ def extract_metrics(raw, specs:list=None, source:str="lm-eval output") -> dict:
             key = m if "," in m else f"{m},none"
             if key not in r: raise ValueError(f"{source}: task {t!r} has no metric {key!r} (has: {', '.join(k for k in r if ',' in k)})")
             v = r[key]
+            if stderr: v = r.get(key.replace(",", "_stderr,", 1))
             mets[m] = float(v) if isinstance(v, (int, float)) else float("nan")
         out[t] = mets
     return out
 
 # %% ../nbs/05_eval.ipynb #3755245f
 PAPER_TABLES = {"en": "table1_en.csv", "it": "table2_it.csv"}
+LEADERBOARD_TABLES = {"it": "leaderboard_it.csv"}
 ANITA_MODEL = "LLaMAntino-3-ANITA-8B-Inst-DPO-ITA"
+PAPER_TASKS = {"truthfulqa": "truthfulqa_mc2", "arc_challenge_it": "arc_it", "mmlu_it": "m_mmlu_it", "Average": "average"}
+PAPER_METRICS = {"strict-match": "exact_match,strict-match", "flexible-extract": "exact_match,flexible-extract"}
+_PAPER_COLS = ["lang", "table", "task", "metric", "paper_task", "paper_metric", "model", "model_id", "value", "source"]
 
-def paper_table(lang:str=None):
-    "The paper's Table 1 (`en`) and/or Table 2 (`it`) as a long DataFrame: lang, task, metric, model, value, source."
+def lm_eval_name(task:str, metric:str="") -> tuple:
+    "The lm-eval `(task, metric)` of a task and metric as the paper prints them (`Average` -> `('average', 'printed')`)."
+    t = PAPER_TASKS.get(task, task)
+    return t, ("printed" if t == "average" and not metric else PAPER_METRICS.get(metric, metric))
+
+def paper_table(lang:str=None, leaderboard:bool=True):
+    "The paper's Table 1 (`en`) and/or Table 2 (`it`), every cell, long: lang, table, task, metric, paper names, model, value, source."
     import pandas as pd
     d = Path(evaltasks_dir()).parent/"paper"
     langs = [lang] if lang else list(PAPER_TABLES)
     frames = []
     for l in langs:
         if l not in PAPER_TABLES: raise ValueError(f"lang: expected one of {list(PAPER_TABLES)}, got {l!r}")
-        f = d/PAPER_TABLES[l]
-        if not f.exists(): raise FileNotFoundError(f"{f}: paper table missing from the package")
-        df = pd.read_csv(f, dtype={"value": float})
-        missing = {"task", "metric", "model", "value", "source"} - set(df.columns)
-        if missing: raise ValueError(f"{f}: missing columns {sorted(missing)}")
-        frames.append(df.assign(lang=l))
-    return pd.concat(frames, ignore_index=True)[["lang", "task", "metric", "model", "value", "source"]]
+        for f in [d/PAPER_TABLES[l]] + ([d/LEADERBOARD_TABLES[l]] if leaderboard and l in LEADERBOARD_TABLES else []):
+            if not f.exists(): raise FileNotFoundError(f"{f}: paper table missing from the package")
+            df = pd.read_csv(f, dtype={"value": float, "paper_metric": str}, keep_default_na=False, na_values={"value": [""]})
+            missing = set(_PAPER_COLS) - set(df.columns)
+            if missing: raise ValueError(f"{f}: missing columns {sorted(missing)}")
+            bad = df[df.value.isna() | (df.source.str.strip() == "")]
+            if len(bad): raise ValueError(f"{f}, row {bad.index[0] + 2}: a cell without a value or a source")
+            for r in df.itertuples():
+                if lm_eval_name(r.paper_task, r.paper_metric) != (r.task, r.metric):
+                    raise ValueError(f"{f}, row {r.Index + 2}: {r.paper_task}/{r.paper_metric} maps to {lm_eval_name(r.paper_task, r.paper_metric)}, "
+                                     f"not {r.task}/{r.metric}")
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True)[_PAPER_COLS]
+
+def paper_averages(paper=None):
+    "Per table and model: the printed average, the mean recomputed from its cells, and how many cells that mean has."
+    import pandas as pd
+    paper = paper_table() if paper is None else paper
+    rows = []
+    for (lang, table, model), g in paper.groupby(["lang", "table", "model"], sort=False):
+        cells, printed = g[g.task != "average"].value, g[g.task == "average"].value
+        rows.append(dict(lang=lang, table=table, model=model, printed=printed.item() if len(printed) else float("nan"),
+                         recomputed=cells.mean(), n_cells=len(cells)))
+    return pd.DataFrame(rows)
 
 # %% ../nbs/05_eval.ipynb #33dd4e1a
 def _label(task, metric): return f"{task} ({metric})"
+def _ref_col(table, model) -> str: return f"{'paper' if str(table).startswith('paper') else 'leaderboard'}: {model}"
+def _is_ref(c) -> bool: return str(c).startswith(("paper: ", "leaderboard: "))
 
 def comparison_table(results:dict, paper=None):
-    "Wide DataFrame: rows task/metric; columns the run's models, `paper: <model>` and `Δ <model>` (run − paper ANITA)."
+    "Wide DataFrame: rows task/metric (and printed/recomputed averages); columns the run's models, `paper: <model>`, `leaderboard: <model>`, `Δ <model>` (run − paper ANITA)."
     import pandas as pd
     paper = paper_table() if paper is None else paper
     models = results.get("models") or {}
@@ -221,22 +293,28 @@ def comparison_table(results:dict, paper=None):
         for t, mets in (m.get("metrics") or {}).items():
             for k, v in mets.items(): rows.setdefault((t, k), {})[name] = v
     for r in paper.itertuples():
-        key = ("average", f"{r.metric} {r.lang}") if r.task == "average" else (r.task, r.metric)
-        rows.setdefault(key, {})[f"paper: {r.model}"] = r.value
+        key = ("average", f"printed {r.lang}") if r.task == "average" else (r.task, r.metric)
+        rows.setdefault(key, {})[_ref_col(r.table, r.model)] = r.value
+    cells = paper[paper.task != "average"]
+    for (lang, table, model), g in cells.groupby(["lang", "table", "model"], sort=False):
+        rows.setdefault(("average", f"recomputed {lang}"), {})[_ref_col(table, model)] = g.value.mean()
     # the run's average per paper table, when it has every cell that table reports
-    for lang, g in paper[paper.task != "average"].groupby("lang"):
-        cells = list(dict.fromkeys(zip(g.task, g.metric)))
+    for lang, g in cells[cells.table.str.startswith("paper")].groupby("lang"):
+        keys = list(dict.fromkeys(zip(g.task, g.metric)))
         for name in models:
-            vals = [rows.get(c, {}).get(name) for c in cells]
-            if all(v is not None for v in vals):
-                rows.setdefault(("average", f"mean {lang}"), {})[name] = sum(vals)/len(vals)
+            vals = [rows.get(c, {}).get(name) for c in keys]
+            if all(v is not None for v in vals): rows.setdefault(("average", f"recomputed {lang}"), {})[name] = sum(vals)/len(vals)
+    avg = sorted((k for k in rows if k[0] == "average"), key=lambda k: (k[1].split()[-1] != "en", k[1].split()[-1], k[1]))
+    rows = {k: rows[k] for k in [k for k in rows if k[0] != "average"] + avg}   # averages last: printed and recomputed side by side
     df = pd.DataFrame.from_dict(rows, orient="index")
     df.index = pd.MultiIndex.from_tuples(df.index, names=["task", "metric"])
-    pcols = [c for c in df.columns if c.startswith("paper: ")]
-    df = df[list(models) + pcols]
+    refs = list(dict.fromkeys(_ref_col(t, m) for t, m in zip(paper.table, paper.model)))   # Table 1, Table 2, then leaderboard
+    df = df[list(models) + [c for c in refs if c in df.columns]]
     ref = f"paper: {ANITA_MODEL}"
     if ref in df:
-        for name in models: df[f"Δ {name}"] = df[name] - df[ref]
+        for name in models:
+            d = df[name] - df[ref]
+            if d.notna().any(): df[f"Δ {name}"] = d
     return df
 
 def to_markdown(df, digits:int=4) -> str:
@@ -252,11 +330,12 @@ def to_markdown(df, digits:int=4) -> str:
 
 # %% ../nbs/05_eval.ipynb #a1f6401b
 def bar_chart(df, path, title:str="anita evaluation", max_rows:int=24):
-    "Save a grouped bar chart of the non-Δ columns of `df` (rows with at least one non-paper value) to `path` (PNG)."
+    "Save a grouped bar chart of the run's columns of `df` and the paper's ANITA (rows with at least one run value) to `path` (PNG)."
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt, numpy as np
-    cols = [c for c in df.columns if not str(c).startswith("Δ ")]
-    own = [c for c in cols if not str(c).startswith("paper: ")]
+    ref = f"paper: {ANITA_MODEL}"   # of the reference columns, only the paper's ANITA: the rest is in the table
+    own = [c for c in df.columns if not str(c).startswith("Δ ") and not _is_ref(c)]
+    cols = own + ([ref] if ref in df.columns else [])
     sub = df[cols][df[own].notna().any(axis=1)] if own else df[cols]
     sub = sub.loc[:, sub.notna().any(axis=0)].head(max_rows)
     if sub.empty: raise ValueError(f"{path}: nothing to plot (no scores)")
@@ -301,111 +380,78 @@ def generate_samples(lm, prompts=SAMPLE_PROMPTS, system_prompt:str=ANITA_SYSTEM_
         out.append(dict(lang=lang, prompt=p, response=tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()))
     return out
 
-# %% ../nbs/05_eval.ipynb #db578db4
-def evaluate(models={"embedded": "embedded"}, suite="local", num_fewshot:int=None, limit=None, batch_size="auto",
-             max_batch_size:int=64, backend:str="hf", device:str=None, dtype:str="auto", apply_chat_template:bool=False,
-             system_prompt:str=None, gen_max_new_tokens:int=32, gen_system_prompt:str=ANITA_SYSTEM_PROMPT,
-             log_samples:bool=False, seed:int=42, max_length:int=None, root="runs", run="nbtest") -> dict:
-    "Evaluate each model on the suite; returns `{params, suite, models: {name: {...}}}` with lm-eval's raw outputs under `raw`."
-    seed_everything(seed)
-    models, tm = parse_models(models, root, run), task_manager()
-    specs = resolve_suite(suite, tm)
-    if backend not in ("hf", "vllm", "auto"): raise ValueError(f"backend: expected 'hf', 'vllm' or 'auto', got {backend!r}")
-    params = dict(suite=suite, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, max_batch_size=max_batch_size,
-                  batch_size_effective=effective_batch_size(batch_size, device, max_length), max_length=max_length,
-                  backend=backend, dtype=dtype, apply_chat_template=apply_chat_template, system_prompt=system_prompt,
-                  gen_max_new_tokens=gen_max_new_tokens, gen_system_prompt=gen_system_prompt, seed=seed)
-    res = dict(params=params, suite=specs, models={})
-    for name, ref in models.items():
-        t0 = time.time()
-        if backend == "auto" and _has_vllm():
-            route = [("hf", [s for s in specs if not s.get("generate")]), ("vllm", [s for s in specs if s.get("generate")])]
-        else: route = [("hf" if backend == "auto" else backend, specs)]
-        raw, lm_used, eval_s = {}, None, 0.0
-        for be, sp in route:
-            if not sp: continue
-            lm = make_lm(ref, be, batch_size, max_batch_size, device, dtype, max_length)
-            t1 = time.time()
-            r = run_lm_eval(lm, sp, tm, num_fewshot, limit, apply_chat_template, system_prompt, log_samples, seed)
-            eval_s += time.time() - t1
-            for k, v in r.items():
-                if isinstance(v, dict): raw.setdefault(k, {}).update(v)
-                else: raw.setdefault(k, []).extend(v)
-            lm_used = lm
-        elapsed = time.time() - t0
-        n_docs = {t: (v.get("effective") if isinstance(v, dict) else v) for t, v in raw.get("n-samples", {}).items()}
-        gens = generate_samples(lm_used, system_prompt=gen_system_prompt, max_new_tokens=gen_max_new_tokens) if gen_max_new_tokens else []
-        res["models"][name] = dict(model=ref if isinstance(ref, str) else type(ref).__name__,
-                                   model_args=model_args(ref) if isinstance(ref, str) else None, backend=[b for b, sp in route if sp],
-                                   metrics=extract_metrics(raw, specs, f"lm-eval output of {name!r}"),
-                                   n_shot=raw.get("n-shot", {}), n_docs=n_docs, elapsed_s=round(elapsed, 2), eval_s=round(eval_s, 2),
-                                   docs_per_s=round(sum(v or 0 for v in n_docs.values())/max(eval_s, 1e-9), 3),
-                                   generations=gens, raw=raw)
-        del lm_used
-    return res
+# %% ../nbs/05_eval.ipynb #31c63da2
+_IT_UNITS = ("zero uno due tre quattro cinque sei sette otto nove dieci undici dodici tredici quattordici quindici sedici "
+             "diciassette diciotto diciannove").split()
+_IT_TENS = "_ _ venti trenta quaranta cinquanta sessanta settanta ottanta novanta".split()
+_EN_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+             "seventeen eighteen nineteen").split()
+_EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
-# %% ../nbs/05_eval.ipynb #fd0023ca
-def results_rows(results:dict) -> list:
-    "Long rows `model, task, metric, value` of a results dict."
-    return [dict(model=n, task=t, metric=k, value=v) for n, m in results["models"].items()
-            for t, mets in m["metrics"].items() for k, v in mets.items()]
+def number_word(n:int, lang:str="it") -> str:
+    "The word for `0 <= n < 100` in Italian (`ventuno`, `ventitré`, `ventotto`) or English (`twenty-one`)."
+    if not 0 <= n < 100: raise ValueError(f"n={n}: number words cover 0..99")
+    if lang == "en": return _EN_UNITS[n] if n < 20 else _EN_TENS[n//10] + (f"-{_EN_UNITS[n%10]}" if n % 10 else "")
+    if lang != "it": raise ValueError(f"lang={lang!r}: expected 'it' or 'en'")
+    if n < 20: return _IT_UNITS[n]
+    t, u = _IT_TENS[n//10], n % 10
+    if u in (1, 8): t = t[:-1]                      # ventuno, trentotto
+    return t + ("" if not u else "tré" if u == 3 else _IT_UNITS[u])
 
-def write_outputs(results:dict, out_dir) -> list:
-    "Write results.json/.csv, table.md, chart.png, generations.json, report.json and lm_eval/<name>.json; returns the paths."
-    from lm_eval.utils import handle_non_serializable
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, m in results["models"].items():
-        raw = {k: v for k, v in (m.get("raw") or {}).items() if k != "samples"}
-        fp = out/"lm_eval"/(re.sub(r"[^\w.-]", "_", name) + ".json")
-        with atomic_write(fp) as f: json.dump(raw, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        paths.append(fp)
-    slim = dict(results, models={n: {k: v for k, v in m.items() if k != "raw"} for n, m in results["models"].items()})
-    paths.append(write_json(out/"results.json", slim))
-    with atomic_write(out/"results.csv") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "task", "metric", "value"]); w.writeheader(); w.writerows(results_rows(results))
-    paths.append(out/"results.csv")
-    df = comparison_table(results)
-    p = results["params"]
-    head = (f"# Evaluation: suite `{p['suite']}`\n\nfew-shot: {p['num_fewshot'] if p['num_fewshot'] is not None else 'task default'}, "
-            f"limit: {p['limit']}, batch size: {p['batch_size']}, backend: {p['backend']}, chat template: {p['apply_chat_template']}, "
-            f"system prompt: {p['system_prompt']!r}.\nPaper columns: Polignano et al. 2024, Tables 1 (EN) and 2 (IT); empty = not "
-            f"available (see anita/paper/README.md). Δ = this run − paper ANITA.\n\n")
-    with atomic_write(out/"table.md") as f: f.write(head + to_markdown(df))
-    paths.append(out/"table.md")
-    paths.append(bar_chart(df, out/"chart.png", title=f"anita eval: {p['suite']}"))
-    paths.append(write_json(out/"generations.json", [dict(model=n, **g) for n, m in results["models"].items() for g in m["generations"]]))
-    rep = {n: dict(elapsed_s=m["elapsed_s"], eval_s=m["eval_s"], docs_per_s=m["docs_per_s"],
-                   **{f"{t}.{k}": round(v, 4) for t, mets in m["metrics"].items() for k, v in mets.items()})
-           for n, m in results["models"].items()}
-    paths.append(write_json(out/"report.json", dict(suite=p["suite"], models=rep)))
-    return [str(x) for x in paths]
+# the tables: nouns (singular, plural, gender) and adjectives (m sg, f sg, m pl, f pl); consonant-initial nouns take il/i, la/le
+IT_NOUNS = [("gatto", "gatti", "m"), ("libro", "libri", "m"), ("ragazzo", "ragazzi", "m"), ("tavolo", "tavoli", "m"),
+            ("treno", "treni", "m"), ("bambino", "bambini", "m"), ("vestito", "vestiti", "m"), ("giardino", "giardini", "m"),
+            ("casa", "case", "f"), ("strada", "strade", "f"), ("finestra", "finestre", "f"), ("mela", "mele", "f"),
+            ("porta", "porte", "f"), ("sedia", "sedie", "f"), ("macchina", "macchine", "f"), ("camera", "camere", "f")]
+IT_ADJS = [("rosso", "rossa", "rossi", "rosse"), ("nuovo", "nuova", "nuovi", "nuove"), ("piccolo", "piccola", "piccoli", "piccole"),
+           ("vecchio", "vecchia", "vecchi", "vecchie"), ("bianco", "bianca", "bianchi", "bianche"), ("pulito", "pulita", "puliti", "pulite")]
+EN_NOUNS = [("dog", "dogs"), ("cat", "cats"), ("teacher", "teachers"), ("child", "children"), ("woman", "women"), ("man", "men"),
+            ("student", "students"), ("bird", "birds"), ("doctor", "doctors"), ("farmer", "farmers"), ("girl", "girls"), ("boy", "boys")]
+EN_VERBS = [("sleeps", "sleep", "in the afternoon"), ("runs", "run", "every morning"), ("sings", "sing", "very well"),
+            ("works", "work", "near the station"), ("reads", "read", "before dinner"), ("walks", "walk", "to school"),
+            ("eats", "eat", "at noon"), ("waits", "wait", "outside")]
 
-def run_eval(run="nbtest", root="runs", **kw) -> dict:
-    "The evaluation step: `evaluate(**kw)` and `write_outputs` into `root/run/05_eval`, with a run manifest."
-    d = run_dir(run, "05_eval", root)
-    models = parse_models(kw.get("models", {"embedded": "embedded"}), root, run)
-    inputs = {n: r for n, r in models.items() if isinstance(r, str) and Path(r).exists()}
-    with step_manifest(d, "05_eval", {k: (v if isinstance(v, (str, int, float, bool, type(None), dict, list)) else str(v))
-                                      for k, v in kw.items()}, inputs) as outs:
-        res = evaluate(root=root, run=run, **kw)
-        outs += write_outputs(res, d)
-    return res
+def _it_pairs(rng):
+    out = []
+    for sg, pl, g in IT_NOUNS:
+        for adj in IT_ADJS:
+            for plural in (False, True):
+                i = (2 if plural else 0) + (g == "f")
+                art, noun, verb = (("le" if g == "f" else "i") if plural else ("la" if g == "f" else "il")), pl if plural else sg, "sono" if plural else "è"
+                good = f"{art.capitalize()} {noun} {verb} {adj[i]}."
+                kind = rng.choice(["gender", "article", "verb"])
+                if kind == "gender": bad = f"{art.capitalize()} {noun} {verb} {adj[i ^ 1]}."
+                elif kind == "article":
+                    wrong = {"il": "la", "la": "il", "i": "le", "le": "i"}[art]
+                    bad = f"{wrong.capitalize()} {noun} {verb} {adj[i]}."
+                else: bad = f"{art.capitalize()} {noun} {'è' if plural else 'sono'} {adj[i]}."
+                out.append(dict(kind=f"agreement:{kind}", good=good, bad=bad))
+    return out
 
-# %% ../nbs/05_eval.ipynb #601723c2
-def biased_lm(ref="embedded", letter:str="B", boost:float=100.0, **kw):
-    "An lm-eval `hf` LM whose model always prefers the answer `letter` (a forward hook on the output layer)."
-    lm = make_lm(ref, "hf", **kw)
-    tok_id = lm.tokenizer.encode(f" {letter}", add_special_tokens=False)[-1]
-    def hook(mod, inp, out): out[..., tok_id] += boost; return out
-    lm.model.get_output_embeddings().register_forward_hook(hook)
-    return lm
+def _en_pairs(rng):
+    out = []
+    for sg, pl in EN_NOUNS:
+        for v3, v, tail in EN_VERBS:
+            for plural in (False, True):
+                det = rng.choice(["The", "This" if not plural else "These", "My"])
+                good = f"{det} {pl if plural else sg} {v if plural else v3} {tail}."
+                kind = rng.choice(["verb", "noun"]) if det != "The" and det != "My" else "verb"
+                if kind == "verb": bad = f"{det} {pl if plural else sg} {v3 if plural else v} {tail}."
+                else: bad = f"{det} {sg if plural else pl} {v if plural else v3} {tail}."
+                out.append(dict(kind=f"agreement:{kind}", good=good, bad=bad))
+    return out
 
-def gold_fraction(task:str, letter:str) -> float:
-    "The fraction of test items of an anita offline task whose gold answer is `letter`."
-    rows = [json.loads(l) for l in (evaltasks_dir()/f"mc_{task.split('_')[-1]}.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
-    test = [r for r in rows if r.get("split", "test") == "test"]
-    return sum(r["answer"] == letter for r in test)/len(test)
+def minimal_pairs(lang:str="it", n_numbers:int=100, seed:int=0) -> list:
+    "Grammatical minimal pairs made from the tables above: agreement (article, gender, verb number) and number words (`17` -> `diciassette`, not a neighbour's word)."
+    import random
+    rng = random.Random(f"{lang}-{seed}")
+    rows = _it_pairs(rng) if lang == "it" else _en_pairs(rng) if lang == "en" else None
+    if rows is None: raise ValueError(f"lang={lang!r}: expected 'it' or 'en'")
+    say = "Il numero {} si scrive {}." if lang == "it" else "The number {} is written {}."
+    for n in rng.sample(range(100), n_numbers):
+        m = n + rng.choice([-1, 1]) if 0 < n < 99 else (1 if n == 0 else 98)
+        rows.append(dict(kind="number word", good=say.format(n, number_word(n, lang)), bad=say.format(n, number_word(m, lang))))
+    return rows
 
 # %% ../nbs/05_eval.ipynb #07eeaac2
 STEP_ORDER = ("base", "sft", "dpo", "ita")
@@ -453,3 +499,277 @@ def compare(runs, root="runs", out_dir=None, paper:bool=True):
         with atomic_write(out/"compare.csv") as f: df.to_csv(f)
         bar_chart(df, out/"compare.png", title="anita: base vs SFT vs DPO vs ITA")
     return df
+
+# %% ../nbs/05_eval.ipynb #c9cd3c90
+HELDOUT_KINDS = ("sft", "dpo", "ita", "en")
+
+def load_heldout(path) -> dict:
+    "The data step's held-out datasets (`sft`, `dpo`, `ita`, `en`) under `path` (its `heldout/` folder); a dict of datasets passes through."
+    if isinstance(path, dict): return path
+    from datasets import load_from_disk
+    p = Path(path)
+    if not p.is_dir(): raise FileNotFoundError(f"heldout: {p} is not a folder (the data step writes 01_data/heldout with n_heldout_* > 0)")
+    out = {k: load_from_disk(str(p/k)) for k in HELDOUT_KINDS if (p/k).is_dir()}
+    if not out: raise FileNotFoundError(f"heldout: {p} has none of {', '.join(HELDOUT_KINDS)}")
+    return out
+
+def row_nll(model, tok, ds, max_length:int=1024, batch_size:int=8) -> list:
+    """Per row `(summed negative log-likelihood, tokens)` of the trained tokens of `ds`, tokenized as the training steps do
+    (`anita.sft.tokenize_lm`: `prompt`+`completion` rows score the completion only, `text` rows every token)."""
+    import torch
+    from anita.sft import tokenize_lm
+    tds, _ = tokenize_lm(ds, tok, max_length)
+    rows = list(zip(tds["input_ids"], tds["labels"]))
+    dev, pad, out = next(model.parameters()).device, tok.pad_token_id if tok.pad_token_id is not None else 0, []
+    was_training = model.training; model.eval()
+    for i in range(0, len(rows), batch_size):
+        b = rows[i:i+batch_size]
+        L = max(len(x) for x, _ in b)
+        ids = torch.tensor([x + [pad]*(L - len(x)) for x, _ in b], device=dev)
+        lab = torch.tensor([y + [-100]*(L - len(y)) for _, y in b], device=dev)
+        att = torch.tensor([[1]*len(x) + [0]*(L - len(x)) for x, _ in b], device=dev)
+        with torch.no_grad(): logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+        tgt = lab[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt.clamp(min=0), reduction="none") * (tgt != -100)
+        out += [(float(s), int(n)) for s, n in zip(nll.sum(1), (tgt != -100).sum(1))]
+    model.train(was_training)
+    return out
+
+def mean_se(xs) -> tuple:
+    "Mean and its standard error (sample standard deviation / sqrt(n)) of a list of numbers."
+    n = len(xs)
+    if not n: return float("nan"), float("nan")
+    m = sum(xs)/n
+    return m, (math.sqrt(sum((x - m)**2 for x in xs)/(n - 1)/n) if n > 1 else float("nan"))
+
+def ratio_se(sums, counts) -> tuple:
+    "`sum(sums)/sum(counts)` and its standard error over rows (ratio estimator): a token-weighted mean loss, or a paired difference of two."
+    S, N, k = sum(sums), sum(counts), len(sums)
+    r = S/N
+    return r, (math.sqrt(k/(k - 1)*sum((s - r*n)**2 for s, n in zip(sums, counts)))/N if k > 1 else float("nan"))
+
+def loss_figure(nll:list) -> dict:
+    "Token-weighted mean loss of `row_nll` output with its standard error, perplexity, rows, tokens and the per-row sums (`nll`)."
+    loss, se = ratio_se([s for s, _ in nll], [n for _, n in nll])
+    return dict(loss=loss, loss_se=se, ppl=math.exp(loss), rows=len(nll), tokens=sum(n for _, n in nll), nll=[list(x) for x in nll])
+
+def preference_figure(chosen_nll:list, rejected_nll:list) -> dict:
+    "Preference accuracy (log p(chosen) > log p(rejected)) and mean log-prob margin over pairs, each with its standard error; per-pair `margins` kept."
+    m = [r - c for (c, _), (r, _) in zip(chosen_nll, rejected_nll)]    # log p(chosen) - log p(rejected) = nll(rejected) - nll(chosen)
+    acc, acc_se = mean_se([float(x > 0) for x in m])
+    mm, mm_se = mean_se(m)
+    return dict(pref_acc=acc, pref_acc_se=acc_se, margin=mm, margin_se=mm_se, rows=len(m), margins=m)
+
+def heldout_model_figures(model, tok, heldout:dict, max_length:int=1024, batch_size:int=8) -> dict:
+    "The held-out figures of one model: `{kind: figure}` for each held-out dataset (`sft`, `dpo`: pairs, `ita`, `en`)."
+    from datasets import Dataset
+    ensure_pad_token(tok)
+    out = {}
+    for k, ds in heldout.items():
+        if k == "dpo":
+            side = lambda col: row_nll(model, tok, Dataset.from_dict(dict(prompt=list(ds["prompt"]), completion=list(ds[col]))), max_length, batch_size)
+            out[k] = preference_figure(side("chosen"), side("rejected"))
+        else: out[k] = loss_figure(row_nll(model, tok, ds, max_length, batch_size))
+    return out
+
+# %% ../nbs/05_eval.ipynb #4f051d09
+# (figure, label, held-out kind, field, the step it measures, better: -1 lower / +1 higher / 0 none)
+HELDOUT_FIGURES = [
+    ("sft_loss", "SFT: answer loss, Alpaca template (held-out SFT rows)", "sft", "loss", "sft", -1),
+    ("dpo_acc", "DPO: preference accuracy (held-out pairs)", "dpo", "pref_acc", "dpo", +1),
+    ("dpo_margin", "DPO: mean log-prob margin chosen − rejected (nats)", "dpo", "margin", "dpo", +1),
+    ("ita_loss", "ITA: Italian loss (held-out mC4-it paragraphs)", "ita", "loss", "ita", -1),
+    ("en_loss", "ITA cost: English loss (English paragraphs)", "en", "loss", "ita", 0),
+    ("pairs_it", "Italian minimal pairs, accuracy (anita_pairs_it)", "anita_pairs_it", "acc", None, 0),
+    ("pairs_en", "English minimal pairs, accuracy (anita_pairs_en)", "anita_pairs_en", "acc", None, 0)]
+
+def _stages(res) -> list:
+    ms = res["models"]
+    return sorted(ms, key=lambda n: (step_rank(n, ms[n].get("model", "")), list(ms).index(n)))
+
+def _value(m, kind, field):
+    "(value, se) of one figure of one model entry, or None."
+    if kind.startswith("anita_"):
+        v = (m.get("metrics") or {}).get(kind, {}).get(field)
+        return None if v is None else (v, (m.get("stderr") or {}).get(kind, {}).get(field, float("nan")))
+    f = (m.get("heldout") or {}).get(kind)
+    return None if f is None or field not in f else (f[field], f.get(f"{field}_se", float("nan")))
+
+def _paired(a, b, kind, field) -> tuple:
+    "Change b − a of one held-out figure on the same rows, with its paired standard error."
+    fa, fb = a["heldout"][kind], b["heldout"][kind]
+    if field == "loss":
+        if [n for _, n in fa["nll"]] != [n for _, n in fb["nll"]]: raise ValueError(f"{kind}: models scored different tokens")
+        return ratio_se([y[0] - x[0] for x, y in zip(fa["nll"], fb["nll"])], [x[1] for x in fa["nll"]])
+    if field == "margin": return mean_se([y - x for x, y in zip(fa["margins"], fb["margins"])])
+    return mean_se([float(y > 0) - float(x > 0) for x, y in zip(fa["margins"], fb["margins"])])
+
+def step_effects(res) -> dict:
+    "`{step: {figure: dict(delta, se, better, ok)}}`: each step's change of its own held-out figures against the model before it."
+    names, out = _stages(res), {}
+    for fig, _, kind, field, step, better in HELDOUT_FIGURES:
+        if step is None or step not in names: continue
+        i = names.index(step)
+        if not i: continue
+        a, b = res["models"][names[i-1]], res["models"][step]
+        if _value(a, kind, field) is None or _value(b, kind, field) is None: continue
+        d, se = _paired(a, b, kind, field)
+        out.setdefault(step, {})[fig] = dict(vs=names[i-1], delta=d, se=se, better=better,
+                                             ok=bool(better and d*better > 0 and abs(d) > 2*se) if better else None)
+    return out
+
+def heldout_table(res, digits:int=3) -> str:
+    "The held-out figures of all models in recipe order, each step's change with its paired standard error, as markdown."
+    names, eff = _stages(res), step_effects(res)
+    fmt = lambda v, se: f"{v:.{digits}f} ± {se:.{digits}f}" if se == se else f"{v:.{digits}f}"
+    L = ["| figure | n | " + " | ".join(names) + " | step's change |", "|---|---:|" + "---:|"*len(names) + "---|"]
+    for fig, label, kind, field, step, better in HELDOUT_FIGURES:
+        vals = [_value(res["models"][n], kind, field) for n in names]
+        if all(v is None for v in vals): continue
+        m0 = next(res["models"][n] for n, v in zip(names, vals) if v is not None)
+        n = (m0.get("heldout") or {}).get(kind, {}).get("rows") or (m0.get("n_docs") or {}).get(kind, "")
+        cells = []
+        for v in vals:
+            if v is None: cells.append(""); continue
+            c = fmt(*v)
+            if field == "loss": c += f" (ppl {math.exp(v[0]):.2f})"
+            cells.append(c)
+        e = eff.get(step, {}).get(fig)
+        ch = (f"{step} − {e['vs']}: {e['delta']:+.{digits}f} ± {e['se']:.{digits}f}" + (" ✓" if e["ok"] else " ✗" if e["ok"] is False else "")) if e else ""
+        L.append(f"| {label} | {n} | " + " | ".join(cells) + f" | {ch} |")
+    return "\n".join(L) + "\n"
+
+def heldout_report_lines(rd) -> list:
+    "The opening lines of a run report: the evaluation step's held-out table (`05_eval/heldout.md`), or nothing when there is none."
+    p = Path(rd)/"05_eval"/"heldout.md"
+    if not p.exists(): return []
+    return [p.read_text(encoding="utf-8").strip(), ""]
+
+# %% ../nbs/05_eval.ipynb #db578db4
+def evaluate(models={"embedded": "embedded"}, suite="local", num_fewshot:int=None, limit=None, batch_size="auto",
+             max_batch_size:int=64, backend:str="hf", device:str=None, dtype:str="auto", apply_chat_template:bool=False,
+             system_prompt:str=None, gen_max_new_tokens:int=32, gen_system_prompt:str=ANITA_SYSTEM_PROMPT,
+             log_samples:bool=False, seed:int=42, max_length:int=None, root="runs", run="nbtest", include=None,
+             gpu_memory_utilization:float=0.9, heldout=None, heldout_batch_size:int=8, heldout_max_length:int=1024) -> dict:
+    """Evaluate each model on the suite (and on the `heldout` rows); returns `{params, suite, models: {name: {...}}}` with
+    lm-eval's raw outputs under `raw`. One model at a time, freed before the next backend or model loads."""
+    seed_everything(seed)
+    inc = include_paths(include)
+    models, tm = parse_models(models, root, run), task_manager(True, inc)
+    specs = resolve_suite(suite, tm)
+    if backend not in ("hf", "vllm", "auto"): raise ValueError(f"backend: expected 'hf', 'vllm' or 'auto', got {backend!r}")
+    if not 0 < gpu_memory_utilization <= 1: raise ValueError(f"gpu_memory_utilization: expected a share in (0, 1], got {gpu_memory_utilization!r}")
+    held = load_heldout(heldout) if heldout else {}
+    params = dict(suite=suite, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, max_batch_size=max_batch_size,
+                  batch_size_effective=effective_batch_size(batch_size, device, max_length), max_length=max_length,
+                  backend=backend, dtype=dtype, apply_chat_template=apply_chat_template, system_prompt=system_prompt,
+                  gen_max_new_tokens=gen_max_new_tokens, gen_system_prompt=gen_system_prompt, seed=seed, include=list(inc),
+                  gpu_memory_utilization=gpu_memory_utilization, heldout=str(heldout) if heldout else None)
+    res = dict(params=params, suite=specs, models={})
+    for name, ref in models.items():
+        t0 = time.time()
+        if backend == "auto" and _has_vllm():
+            route = [("hf", [s for s in specs if not s.get("generate")]), ("vllm", [s for s in specs if s.get("generate")])]
+        else: route = [("hf" if backend == "auto" else backend, specs)]
+        route = [(b, sp) for b, sp in route if sp]
+        if held and not any(b == "hf" for b, _ in route): route = [("hf", [])] + route   # held-out figures need the HF model
+        raw, eval_s, gens, figs = {}, 0.0, [], None
+        for j, (be, sp) in enumerate(route):
+            lm = make_lm(ref, be, batch_size, max_batch_size, device, dtype, max_length, gpu_memory_utilization=gpu_memory_utilization)
+            try:
+                if sp:
+                    t1 = time.time()
+                    r = run_lm_eval(lm, sp, tm, num_fewshot, limit, apply_chat_template, system_prompt, log_samples, seed)
+                    eval_s += time.time() - t1
+                    for k, v in r.items():
+                        if isinstance(v, dict): raw.setdefault(k, {}).update(v)
+                        else: raw.setdefault(k, []).extend(v)
+                if held and be == "hf": figs = heldout_model_figures(lm.model, lm.tokenizer, held, heldout_max_length, heldout_batch_size)
+                if j == len(route) - 1 and gen_max_new_tokens:
+                    gens = generate_samples(lm, system_prompt=gen_system_prompt, max_new_tokens=gen_max_new_tokens)
+            finally:
+                if isinstance(ref, str): free_lm(lm)    # ours: before vLLM starts, and before the next model
+                del lm
+        elapsed = time.time() - t0
+        n_docs = {t: (v.get("effective") if isinstance(v, dict) else v) for t, v in raw.get("n-samples", {}).items()}
+        res["models"][name] = dict(model=ref if isinstance(ref, str) else type(ref).__name__,
+                                   model_args=model_args(ref) if isinstance(ref, str) else None, backend=[b for b, sp in route if sp],
+                                   metrics=extract_metrics(raw, specs, f"lm-eval output of {name!r}"),
+                                   stderr=extract_metrics(raw, specs, f"lm-eval output of {name!r}", stderr=True),
+                                   n_shot=raw.get("n-shot", {}), n_docs=n_docs, elapsed_s=round(elapsed, 2), eval_s=round(eval_s, 2),
+                                   docs_per_s=round(sum(v or 0 for v in n_docs.values())/max(eval_s, 1e-9), 3),
+                                   generations=gens, heldout=figs, raw=raw)
+    return res
+
+# %% ../nbs/05_eval.ipynb #fd0023ca
+def results_rows(results:dict) -> list:
+    "Long rows `model, task, metric, value` of a results dict."
+    return [dict(model=n, task=t, metric=k, value=v) for n, m in results["models"].items()
+            for t, mets in m["metrics"].items() for k, v in mets.items()]
+
+def write_outputs(results:dict, out_dir) -> list:
+    "Write results.json/.csv, table.md, chart.png, generations.json, report.json and lm_eval/<name>.json; returns the paths."
+    from lm_eval.utils import handle_non_serializable
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, m in results["models"].items():
+        raw = {k: v for k, v in (m.get("raw") or {}).items() if k != "samples"}
+        fp = out/"lm_eval"/(re.sub(r"[^\w.-]", "_", name) + ".json")
+        with atomic_write(fp) as f: json.dump(raw, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        paths.append(fp)
+    slim = dict(results, models={n: {k: v for k, v in m.items() if k != "raw"} for n, m in results["models"].items()})
+    paths.append(write_json(out/"results.json", slim))
+    with atomic_write(out/"results.csv") as f:
+        w = csv.DictWriter(f, fieldnames=["model", "task", "metric", "value"]); w.writeheader(); w.writerows(results_rows(results))
+    paths.append(out/"results.csv")
+    df = comparison_table(results)
+    p = results["params"]
+    head = (f"# Evaluation: suite `{p['suite']}`\n\nfew-shot: {p['num_fewshot'] if p['num_fewshot'] is not None else 'task default'}, "
+            f"limit: {p['limit']}, batch size: {p['batch_size']}, backend: {p['backend']}, chat template: {p['apply_chat_template']}, "
+            f"system prompt: {p['system_prompt']!r}.\n`paper:` columns: Polignano et al. 2024, Tables 1 (EN) and 2 (IT); `leaderboard:` "
+            f"= Open Ita LLM Leaderboard, not in the paper (see anita/paper/README.md). Averages: `printed` = the paper's, "
+            f"`recomputed` = the mean of the column's cells of that table. Δ = this run − paper ANITA.\n\n")
+    with atomic_write(out/"table.md") as f: f.write(head + to_markdown(df))
+    paths.append(out/"table.md")
+    paths.append(bar_chart(df, out/"chart.png", title=f"anita eval: {p['suite']}"))
+    paths.append(write_json(out/"generations.json", [dict(model=n, **g) for n, m in results["models"].items() for g in m["generations"]]))
+    rep = {n: dict(elapsed_s=m["elapsed_s"], eval_s=m["eval_s"], docs_per_s=m["docs_per_s"],
+                   **{f"{t}.{k}": round(v, 4) for t, mets in m["metrics"].items() for k, v in mets.items()})
+           for n, m in results["models"].items()}
+    paths.append(write_json(out/"report.json", dict(suite=p["suite"], models=rep)))
+    if any(m.get("heldout") for m in results["models"].values()):
+        paths.append(write_json(out/"heldout.json", dict(models={n: m.get("heldout") for n, m in results["models"].items()},
+                                                         effects=step_effects(results))))
+        with atomic_write(out/"heldout.md") as f:
+            f.write("## Held-out figures: what each step changed\n\nOn rows no step trained on (the data step's `heldout/`), "
+                    "mean ± standard error over rows; step's change = this step's model − the one before it, on the same rows, "
+                    "± the paired standard error; ✓ = the intended direction and more than twice that error. Loss = mean "
+                    "negative log-likelihood per token (nats).\n\n" + heldout_table(results))
+        paths.append(out/"heldout.md")
+    return [str(x) for x in paths]
+
+def run_eval(run="nbtest", root="runs", **kw) -> dict:
+    "The evaluation step: `evaluate(**kw)` and `write_outputs` into `root/run/05_eval`, with a run manifest."
+    d = run_dir(run, "05_eval", root)
+    models = parse_models(kw.get("models", {"embedded": "embedded"}), root, run)
+    inputs = {n: r for n, r in models.items() if isinstance(r, str) and Path(r).exists()}
+    with step_manifest(d, "05_eval", {k: (v if isinstance(v, (str, int, float, bool, type(None), dict, list)) else str(v))
+                                      for k, v in kw.items()}, inputs) as outs:
+        res = evaluate(root=root, run=run, **kw)
+        outs += write_outputs(res, d)
+    return res
+
+# %% ../nbs/05_eval.ipynb #601723c2
+def biased_lm(ref="embedded", letter:str="B", boost:float=100.0, **kw):
+    "An lm-eval `hf` LM whose model always prefers the answer `letter` (a forward hook on the output layer)."
+    lm = make_lm(ref, "hf", **kw)
+    tok_id = lm.tokenizer.encode(f" {letter}", add_special_tokens=False)[-1]
+    def hook(mod, inp, out): out[..., tok_id] += boost; return out
+    lm.model.get_output_embeddings().register_forward_hook(hook)
+    return lm
+
+def gold_fraction(task:str, letter:str) -> float:
+    "The fraction of test items of an anita offline task whose gold answer is `letter`."
+    rows = [json.loads(l) for l in (evaltasks_dir()/f"mc_{task.split('_')[-1]}.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]
+    test = [r for r in rows if r.get("split", "test") == "test"]
+    return sum(r["answer"] == letter for r in test)/len(test)

@@ -722,8 +722,10 @@ def write_report(rd:str|Path, recipe:dict) -> Path:
     "Write `rd/report.md` and `rd/report.html` from the steps' outputs; returns the markdown path."
     import yaml
     rd = Path(rd)
+    from anita.eval import heldout_report_lines
     L = [f"# anita run `{rd.name}` (recipe `{recipe['name']}`)", "",
          f"Generated {_now()} from `{recipe['path']}`." + (f" {recipe['description']}" if recipe.get("description") else ""), "",
+         *heldout_report_lines(rd),   # the held-out figures first: what each step changed (anita.eval)
          "| step | notebook | status | time |", "|---|---|---|---|"]
     failed = [n for n, st in recipe["steps"].items() if (_load(rd/st["dir"]/"manifest.json") or {}).get("status") == "failed"]
     if failed: L[4:4] = [f"**Failed:** step {', '.join(f'`{n}`' for n in failed)} (see its section below); the steps after it did not run.", ""]
