@@ -172,7 +172,7 @@ def _need(mod:str, why:str):
     import importlib.util
     if importlib.util.find_spec(mod) is None: raise ModuleNotFoundError(f"{mod} is not installed: {why}")
 
-def part_bnb(dim:int=4096, tokens:int=256):
+def part_bnb(workdir:str=None, dim:int=4096, tokens:int=256):
     "NF4 `Linear4bit` forward/backward against its dequantized weights, and one paged 8-bit AdamW step."
     _need("bitsandbytes", "`make install-gpu`, or carry its wheel (`make gpu-wheels`)")
     import torch, bitsandbytes as bnb
@@ -520,7 +520,11 @@ def _pip_download(name:str, dest, python_version:str, pins:dict) -> Path:
            "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
            "--platform", "manylinux_2_24_x86_64", "--platform", "any", "-d", str(dest), spec]
     r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode: raise RuntimeError(f"pip download {spec} failed:\n{r.stderr[-2000:]}")
+    if r.returncode:   # a source-only package (e.g. sqlitedict): build its wheel here, if it is pure Python
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dest), spec], capture_output=True, text=True)
+        new = set(Path(dest).glob("*.whl")) - before
+        if r.returncode or not new or not all(w.name.endswith("-none-any.whl") for w in new):
+            raise RuntimeError(f"pip download {spec} failed (no wheel for the node, and no pure-Python build):\n{r.stderr[-2000:]}")
     new = set(Path(dest).glob("*.whl")) - before
     got = new or {w for w in Path(dest).glob("*.whl") if norm_name(w.name.split("-")[0]) == name}
     return sorted(got)[0]
@@ -537,7 +541,9 @@ def gpu_wheels(dest, present:dict=TYPICAL_NODE, python_version:str="3.12", cuda:
             def requires(n):
                 got[n] = download(n, raw)
                 return wheel_requires(got[n], python_version)
-            need, o = wheel_closure(roots, {**present, **carried}, requires)
+            try: need, o = wheel_closure(roots, {**present, **carried}, requires)
+            except RuntimeError as e:
+                left_out.append(dict(group=group, packages=list(roots), mib=None, error=str(e).splitlines()[0])); continue
             (Path(raw)/"slim").mkdir(exist_ok=True)
             slim = {n: slim_wheel(got[n], Path(raw)/"slim", cuda) for n in need}
             size = sum(s["mib"] for s in slim.values())

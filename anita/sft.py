@@ -154,10 +154,10 @@ def local_device_map() -> dict:
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
 def pick_attn(backend:str, requested:str="auto") -> str|None:
-    "Attention implementation for `backend`: FlashAttention-2 or FlexAttention for packed rows on a GPU, SDPA on the CPU, unsloth's own."
+    "Attention implementation for `backend`: FlashAttention-2 for packed rows on a GPU when installed, else SDPA; unsloth's own."
     if requested != "auto": return requested
     if backend == "unsloth": return None
-    if backend == "hf": return "flash_attention_2" if _has("flash_attn") else "flex_attention"
+    if backend == "hf": return "flash_attention_2" if _has("flash_attn") else "sdpa"
     return "sdpa"
 
 # %% ../nbs/02_sft.ipynb #24b04bd6
@@ -427,8 +427,12 @@ def write_train_log(log_history:list, out_dir, timing:dict=None) -> dict:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with atomic_write(paths["csv"]) as f:
         w = csv.DictWriter(f, fieldnames=keys or ["step", "loss"], lineterminator="\n"); w.writeheader(); w.writerows(rows)
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    try:
+        import matplotlib; matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:   # e.g. a bare GPU node: the logs are written, the plot is left out
+        paths["png"] = None
+        return {k: (str(v) if v else None) for k, v in paths.items()}
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker=".")
     ax.set_xlabel("optimizer step"); ax.set_ylabel("training loss"); ax.set_title(out_dir.name); fig.tight_layout()
