@@ -30,6 +30,12 @@ fi
 
 export RECIPE=${RECIPE:-tiny} RUN=${RUN:-demo} ROOT=${ROOT:-runs}
 export HF_HUB_DISABLE_TELEMETRY=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# as many CPU threads as the job was given: two jobs sharing a node otherwise both spin on every core (without cgroups
+# Slurm does not stop them), which on a 2-core node made a CPU training step ~50x slower
+_job_cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-}}
+if [ -n "$_job_cpus" ]; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$_job_cpus} MKL_NUM_THREADS=${MKL_NUM_THREADS:-$_job_cpus}
+fi
 case "${ANITA_OFFLINE:-auto}" in
     1) offline=1 ;;
     0) offline=0 ;;
