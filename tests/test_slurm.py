@@ -142,9 +142,9 @@ def test_submit_checks_resources_against_partition(fake_slurm, tmp_path):
     r = subprocess.run(["bash", str(SLURM/"submit.sh"), "tiny", "t1"], env=small, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     c = calls()
-    assert [x["env"]["STEP"] for x in c] == ["data", "sft", "dpo", "ita", "eval", "report"]   # nothing to prefetch
+    assert [x["env"]["STEP"] for x in c] == ["data", "sft", "dpo", "ita", "eval", "export", "report"]   # nothing to prefetch
     assert not any(a.startswith("--gpus") for x in c for a in x["args"])
-    assert [x["env"]["ANITA_OFFLINE"] for x in c] == ["1"]*6
+    assert [x["env"]["ANITA_OFFLINE"] for x in c] == ["1"]*7
 
 def test_submit_validates_and_passes_set_steps(fake_slurm, tmp_path):
     "--set and --steps are validated as in a local run and reach the jobs; a bad one submits nothing."
@@ -177,7 +177,7 @@ def test_resubmit_refused_while_queued(fake_slurm, tmp_path):
     r = subprocess.run(["bash", str(SLURM/"submit.sh"), "tiny", "t1", "--replace"], env=q, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     c = calls()
-    assert c[0] == dict(cmd="scancel", args=["41", "40"]) and [x["cmd"] for x in c[1:]] == ["sbatch"]*6
+    assert c[0] == dict(cmd="scancel", args=["41", "40"]) and [x["cmd"] for x in c[1:]] == ["sbatch"]*7
 
 def test_submit_multinode_step_and_cli(fake_slurm, tmp_path):
     env, calls = fake_slurm
@@ -204,7 +204,7 @@ def test_submit_multinode_step_and_cli(fake_slurm, tmp_path):
         assert main(["--recipe", "paper", "--run", "p2", "--root", str(tmp_path/"runs"), "--slurm"]) == 0
     finally:
         os.environ.clear(); os.environ.update(old)
-    assert len(calls()) == 3 + 7
+    assert len(calls()) == 3 + 8   # prefetch, data, sft, dpo, ita, eval, export, report
 
 def test_step_job_command_line(fake_slurm, tmp_path):
     env, calls = fake_slurm
