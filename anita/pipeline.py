@@ -532,6 +532,8 @@ def run_recipe(recipe:str|Path|dict,  # recipe name, path, or a loaded recipe
             (tag, sd, _), stage = step_paths(rd, st, shard), _stage(rd, st, shard)
             head = f"[{i+1}/{len(order)}] {n} ({st['notebook']} -> {sd})"
             up = manifest_token(rd/rec["steps"][prev]["dir"]) if prev else "start"
+            if up is None and not dry_run and rec["steps"][prev]["shards"] and gather_shards(rd, rec):
+                up = manifest_token(rd/rec["steps"][prev]["dir"])   # its shards (Slurm array tasks) all completed
             if up is None and not ran_prev:
                 raise StepError(f"step {n!r} needs step {prev!r} completed first ({step_status(rd/rec['steps'][prev]['dir'])[1]}): "
                                 f"run it, e.g. --steps {prev},{n}")

@@ -155,7 +155,7 @@ def test_refuses_missing_previous_step(tmp_path):
         train_dpo(str(tmp_path/"02_sft"/"merged"), Dataset.from_dict(dict(prompt=["a"], chosen=["b"], rejected=["c"])), tmp_path/"x")
     (tmp_path/"03_dpo"/"merged").mkdir(parents=True)
     write_json(tmp_path/"03_dpo"/"manifest.json", dict(status="completed"))
-    with pytest.raises(FileNotFoundError, match="no model weights"):
+    with pytest.raises(FileNotFoundError, match="no model weights|no config.json"):
         train_ita(str(tmp_path/"03_dpo"/"merged"), Dataset.from_dict(dict(text=["a"])), tmp_path/"y")
 
 def test_chain_embedded(embedded_dir, tmp_path):
