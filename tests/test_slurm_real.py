@@ -161,9 +161,9 @@ def test_tiny_chain_completes(chains):
     assert sorted(t["ArrayTaskId"] for t in tasks) == ["0", "1"]           # the eval array's two shards ran
     for s in ("00", "01"):
         assert manifest(rd/"05_eval"/"shards"/s/"full"/"05_eval"/"manifest.json")["status"] == "completed"
-    for d in ("01_data", "02_sft", "03_dpo", "04_ita", "05_eval"):
+    for d in ("01_data", "02_sft", "03_dpo", "04_ita", "05_eval", "13_export"):
         assert manifest(rd/d/"manifest.json")["status"] == "completed", d
     rep = (rd/"report.md").read_text()
-    assert rep.count("| completed |") == 5 and "Failed" not in rep
+    assert rep.count("| completed |") == 6 and "Failed" not in rep
     assert "anita_mc_en" in rep and "anita_arith" in rep                   # both shards' tables
     print(f"\ntiny chain on Slurm: {time.time()-chains['t0']:.0f}s")
