@@ -307,36 +307,36 @@ def _dpo_model(workdir):
     m = _models(workdir)
     return m.get("embedded") or m["llama3_8b_shaped"]
 
-def part_dpo(workdir:str, backend:str="auto", steps:int=4):
-    "A few DPO steps with the recipe's code, the adapter merged, the merge checked with plain PEFT."
+def _train_and_merge(workdir:str, kind:str, backend:str, steps:int):
+    "A few steps of the DPO (`kind='dpo'`) or Italian (`'ita'`) step with the recipe's code, merged, the merge checked with plain PEFT."
     _need("trl", "install the gpu extra or carry trl's wheel")
-    from anita.sft import pick_backend
-    backend = pick_backend(backend)
-    if backend == "unsloth": import unsloth  # noqa: before transformers
+    from anita.sft import prepare_backend
+    backend = prepare_backend(backend)   # unsloth, if chosen, is imported before transformers
     from transformers import AutoTokenizer
     import anita.data as data
-    from anita.dpo import train_dpo
-    m = _dpo_model(workdir); out = Path(workdir)/"dpo"
-    ds = data.prepare_dpo(str(data.sample_path("dpo")), AutoTokenizer.from_pretrained(m))
-    r = train_dpo(m, ds, out, backend=backend, max_steps=steps, max_prompt_length=256, **{**GPU_TRAIN, "max_length": 512})["report"]
+    m = _dpo_model(workdir); out = Path(workdir)/kind
+    tok = AutoTokenizer.from_pretrained(m)
+    if kind == "dpo":
+        from anita.dpo import train_dpo
+        ds = data.prepare_dpo(str(data.sample_path("dpo")), tok)
+        r = train_dpo(m, ds, out, backend=backend, max_steps=steps, max_prompt_length=256, **{**GPU_TRAIN, "max_length": 512})
+    else:
+        from anita.ita import train_ita
+        ds = data.prepare_ita(str(data.sample_path("ita")), tok)
+        ds = ds[0] if isinstance(ds, tuple) else ds
+        r = train_ita(m, ds, out, backend=backend, max_steps=steps, **{**GPU_TRAIN, "max_length": 512})
+    r = r["report"]
     return dict(backend=backend, model=m, tokens_per_s=r["tokens_per_s"], peak_mem_gb=r["peak_mem_gb"], loss_first=r["loss_first"],
                 loss_last=r["loss_last"], **check_merge(m, str(out/"adapter"), str(out/"merged")))
 
+def part_dpo(workdir:str, backend:str="auto", steps:int=4):
+    "A few DPO steps with the recipe's code, the adapter merged, the merge checked with plain PEFT."
+    return _train_and_merge(workdir, "dpo", backend, steps)
+
 def part_ita(workdir:str, backend:str="auto", steps:int=4):
     "A few steps of the Italian adaptation (raw text, loss on every token), merged and checked with plain PEFT."
-    _need("trl", "install the gpu extra or carry trl's wheel")
-    from anita.sft import pick_backend
-    backend = pick_backend(backend)
-    if backend == "unsloth": import unsloth  # noqa: before transformers
-    from transformers import AutoTokenizer
-    import anita.data as data
-    from anita.ita import train_ita
-    m = _dpo_model(workdir); out = Path(workdir)/"ita"
-    ds = data.prepare_ita(str(data.sample_path("ita")), AutoTokenizer.from_pretrained(m))
-    ds = ds[0] if isinstance(ds, tuple) else ds
-    r = train_ita(m, ds, out, backend=backend, max_steps=steps, **{**GPU_TRAIN, "max_length": 512})["report"]
-    return dict(backend=backend, model=m, tokens_per_s=r["tokens_per_s"], peak_mem_gb=r["peak_mem_gb"], loss_first=r["loss_first"],
-                loss_last=r["loss_last"], **check_merge(m, str(out/"adapter"), str(out/"merged")))
+    return _train_and_merge(workdir, "ita", backend, steps)
+
 
 # %% ../nbs/15_gpucheck.ipynb #f13fb30d
 def part_eval(workdir:str, limit:int=None):
