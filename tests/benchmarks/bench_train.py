@@ -6,7 +6,8 @@
 
 Same settings for every run: the same rows of the shipped SFT sample, LoRA r=16 alpha=16 on the seven projections,
 `--max-length`, `--batch-size`, `--sft-steps` optimizer steps, no gradient accumulation, adamw_torch (CPU) / paged 8-bit
-AdamW (GPU), no gradient checkpointing on the CPU. "plain TRL" is `trl.SFTTrainer` given the model and the prompt/completion
+AdamW (GPU), no gradient checkpointing on the CPU, the same precision (fp32 on the CPU, bf16 on a GPU: TRL's own default
+would be bf16 on the CPU too, which is not what anita trains with there). "plain TRL" is `trl.SFTTrainer` given the model and the prompt/completion
 rows the way TRL's documentation shows (packing: `packing=True, packing_strategy="bfd", padding_free=True`; completion-only
 loss); "anita" is `anita.sft.train_sft` with `packing=True` / `False` / `"auto"` (measured). Throughput = real (non-pad) tokens trained
 per second of `trainer.train()`, counted the same way in both. Each run is its own process (peak memory is its own:
@@ -31,12 +32,20 @@ def _common(a):
 
 def run_anita(a, tok, d):
     from anita.sft import train_sft
+    # micro_batch_tokens: the same micro-batch as TRL's (batch_size packed rows of max_length), so both take the same steps
     r = train_sft(a.model, _rows(a, tok), d, backend=a.backend, packing="auto" if a.auto else a.packing, generate=False, merge=False, resume=False,
-                  **LORA, **_common(a))["report"]
+                  micro_batch_tokens=a.batch_size * a.max_length, **({"bf16": True} if a.precision == "bf16" else {}), **LORA, **_common(a))["report"]
     return dict(tokens=r["real_tokens_trained"], seconds=r["train_runtime_s"], steps=r["optimizer_steps"], peak_mem_gb=r["peak_mem_gb"],
                 loss_first=r["loss_first"], loss_last=r["loss_last"], bf16=r["params"].get("bf16"),
                 packing_used=r["data"].get("packing_measured", {}).get("packing", r["params"].get("packing")),
                 packing_measured=r["data"].get("packing_measured"))
+
+def _precision(a):
+    "The precision both implementations train in: `--precision anita` = anita's default (bf16 on a GPU that has it, fp32 on the CPU); `bf16` = TRL's own default."
+    import torch
+    gpu = a.backend != "cpu"
+    bf16 = a.precision == "bf16" or (a.precision == "anita" and gpu and torch.cuda.is_bf16_supported())
+    return dict(bf16=bf16, fp16=gpu and not bf16)
 
 def run_trl(a, tok, d):
     "Plain TRL as its documentation shows it: SFTTrainer + LoraConfig (+ a 4-bit model for `hf`, FastLanguageModel for `unsloth`)."
@@ -63,7 +72,7 @@ def run_trl(a, tok, d):
                      warmup_steps=0, max_steps=c["max_steps"], num_train_epochs=c["epochs"], logging_steps=1, save_steps=c["save_steps"],
                      optim=c.get("optim", "paged_adamw_8bit"), gradient_checkpointing=c.get("gradient_checkpointing", True) and a.backend == "hf",
                      max_length=a.max_length, packing=a.packing, padding_free=a.packing, packing_strategy="bfd", seed=42,
-                     report_to="none", use_cpu=not gpu, disable_tqdm=True, **kw)   # precision: TRL's default (bf16 unless fp16)
+                     report_to="none", use_cpu=not gpu, disable_tqdm=True, **_precision(a), **kw)
     class Counting(SFTTrainer):
         tokens = 0
         def training_step(self, model, inputs, *x, **k):
@@ -104,7 +113,7 @@ def backends():
 
 def _run(a, model, backend, impl, mode, steps):
     cmd = [sys.executable, __file__, "--worker", "--model", model, "--backend", backend, "--impl", impl, "--steps", str(steps),
-           "--max-length", str(a.max_length), "--batch-size", str(a.batch_size), "--rows", str(a.rows)] + \
+           "--max-length", str(a.max_length), "--batch-size", str(a.batch_size), "--rows", str(a.rows), "--precision", a.precision] + \
           {"packed": ["--packing"], "padded": [], "auto": ["--auto"]}[mode]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -125,6 +134,8 @@ def main():
     p.add_argument("--modes", default="packed,padded,auto", help="comma list of packed, padded, auto (anita measures and picks; trl skips it)")
     p.add_argument("--rows", type=int, default=40, help="rows of the shipped SFT sample")
     p.add_argument("--max-length", type=int, default=None); p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--precision", choices=["anita", "bf16"], default="anita",
+                   help="anita: fp32 on the CPU, bf16 on a GPU (anita's defaults); bf16: bf16 autocast everywhere (TRL's default)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend"); p.add_argument("--impl"); p.add_argument("--steps", type=int); p.add_argument("--packing", action="store_true"); p.add_argument("--auto", action="store_true")
     a = p.parse_args()
@@ -146,7 +157,7 @@ def main():
     med = lambda rs, k: statistics.median(r[k] for r in rs)
     ratio = lambda x, y: f"{x/y:.3f}" if x and y else "n/a"
     print(f"\nmodel={model} max_length={a.max_length} batch_size={a.batch_size} sft_steps={a.sft_steps} rows={a.rows} "
-          f"repeats={a.repeats} (medians of interleaved runs)")
+          f"repeats={a.repeats} precision={a.precision} (medians of interleaved runs)")
     for b in bks:
         t = {(i, pk): med(res[(b, i, pk)], "tokens_per_s") for (bb, i, pk) in res if bb == b}
         m = {(i, pk): med(res[(b, i, pk)], "peak_mem_gb") for (bb, i, pk) in res if bb == b}
