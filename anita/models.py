@@ -43,7 +43,7 @@ def generate_batch(model, tok,
     "Completions of `prompts` (stripped, without the prompt), `batch_size` at a time."
     import torch
     tok.padding_side, out = "left", []
-    gen = dict(do_sample=False, **gen)
+    gen = {"do_sample": False, **gen}   # `gen` may turn sampling on
     if not gen["do_sample"]: gen.update(temperature=None, top_p=None, top_k=None)
     for i in range(0, len(prompts), batch_size):
         enc = tok(list(prompts[i:i+batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
