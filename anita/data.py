@@ -148,8 +148,8 @@ def prepare_sft(source,                    # Hub id (default dataset: `SFT_HUB`)
 def _label(s) -> str: return str(s).strip().rstrip("/").split("/")[-1].lower()
 
 def _messages_reason(msgs, k:str) -> str|None:
-    if not isinstance(msgs,
-                      list): return f"{k}: wrong type {type(msgs).__name__}" if msgs is not None else f"{k}: missing"
+    if not isinstance(msgs, list):
+        return f"{k}: wrong type {type(msgs).__name__}" if msgs is not None else f"{k}: missing"
     if len(msgs) < 2: return f"{k}: fewer than 2 messages"
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -167,6 +167,21 @@ def split_pair(chosen:list, rejected:list, where:str="") -> tuple:
     if pc != pr: raise ValueError(f"{where}: chosen and rejected do not share the same prompt turns")
     return pc, chosen[-1]["content"].strip(), rejected[-1]["content"].strip()
 
+# %% ../nbs/01_data.ipynb #4bcb29a2
+def _dpo_record(row:dict, where:str, tok, eot:str, system_prompt:str=None) -> dict|str:
+    "One DPO row as `prompt`/`chosen`/`rejected` text, or the reason it is a bad row."
+    reason = _messages_reason(row.get("chosen"), "chosen") or _messages_reason(row.get("rejected"), "rejected")
+    if reason: return reason
+    msgs, ch, rj = split_pair(row["chosen"], row["rejected"], where)
+    if system_prompt and msgs[0]["role"] != "system": msgs = [dict(role="system", content=system_prompt)] + msgs
+    return dict(prompt=_render(tok, msgs, add_generation_prompt=True), chosen=ch + eot, rejected=rj + eot)
+
+def _by_source(per:dict, rows:list) -> dict:
+    "Per `source` label: the rows kept, excluded and bad, and the two together (dropped)."
+    kept = Counter(r["source"] for r in rows)
+    return {s: dict(kept=kept[s], excluded=c["excluded"], bad=c["bad"], dropped=c["excluded"] + c["bad"])
+            for s, c in sorted(per.items())}
+
 # %% ../nbs/01_data.ipynb #f9b17810
 def prepare_dpo(source,                                # Hub id (default dataset: `DPO_HUB`), local file/folder, list or `datasets` object
                 tokenizer,                             # tokenizer (its chat template renders the prompt), or model name/folder
@@ -181,8 +196,8 @@ def prepare_dpo(source,                                # Hub id (default dataset
                 return_report:bool=False):
     "DPO pairs: `prompt` rendered with the chat template (generation prompt included), `chosen`/`rejected` = answer + end-of-turn."
     tok = get_tokenizer(tokenizer)
-    if not getattr(tok, "chat_template",
-                   None): raise ValueError(f"{getattr(tok, 'name_or_path', 'tokenizer')}: no chat template")
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"{getattr(tok, 'name_or_path', 'tokenizer')}: no chat template")
     eot, name = eot_token(tok), _source_name(source)
     if isinstance(exclude_sources, str): exclude_sources = [exclude_sources]
     excl = {_label(e): e for e in (exclude_sources or ())}
@@ -199,24 +214,19 @@ def prepare_dpo(source,                                # Hub id (default dataset
             hits[_label(src)] += 1
             st["excluded"] += 1
             continue
-        reason = _messages_reason(row.get("chosen"), "chosen") or _messages_reason(row.get("rejected"), "rejected")
-        if reason:
-            bad.add(i, reason)
+        r = _dpo_record(row, f"{name}: row {i}", tok, eot, system_prompt)
+        if isinstance(r, str):
+            bad.add(i, r)
             st["bad"] += 1
             continue
-        msgs, ch, rj = split_pair(row["chosen"], row["rejected"], f"{name}: row {i}")
-        if system_prompt and msgs[0]["role"] != "system": msgs = [dict(role="system", content=system_prompt)] + msgs
-        rows.append(dict(prompt=_render(tok, msgs, add_generation_prompt=True), chosen=ch + eot, rejected=rj + eot,
-                         source=src))
+        rows.append(dict(r, source=src))
     warn = [f"exclude_sources entry {e!r} matched no row of {name}" for k, e in excl.items() if not hits[k]]
     for w in warn: warnings.warn(w)
     rows, report = _finish(rows, ("prompt", "chosen", "rejected"), name, bad, n, dedup,
                            ngram_index(decontaminate, ngram),
                            ngram, dict(kind="dpo", eot=eot, excluded=sum(hits.values()), warnings=warn),
                            text_of=lambda r: r["prompt"] + " " + r["chosen"])
-    kept = Counter(r["source"] for r in rows)
-    report["by_source"] = {s: dict(kept=kept[s], excluded=c["excluded"], bad=c["bad"],
-                                   dropped=c["excluded"] + c["bad"]) for s, c in sorted(per.items())}
+    report["by_source"] = _by_source(per, rows)
     ds = _dataset(rows, ("prompt", "chosen", "rejected"), report)
     return (ds, report) if return_report else ds
 
@@ -227,7 +237,8 @@ def mc4_it_files(config:str="tiny", split:str="train", max_files:int=None) -> li
     "`hf://` URLs of the clean_mc4_it json.gz shards of a config (optionally only the first `max_files`)."
     if config not in MC4_IT_CONFIGS: raise ValueError(f"config={config!r}: expected one of {list(MC4_IT_CONFIGS)}")
     base = f"hf://datasets/{ITA_HUB}/clean-mc4-it/"
-    if split == "train": files = [f"{base}c4-it.tfrecord-{i:05d}-of-01024.json.gz" for i in range(MC4_IT_CONFIGS[config][0])]
+    if split == "train":
+        files = [f"{base}c4-it.tfrecord-{i:05d}-of-01024.json.gz" for i in range(MC4_IT_CONFIGS[config][0])]
     elif split == "validation":
         files = [f"{base}c4-it-validation.tfrecord-{i:05d}-of-00008.json.gz" for i in range(MC4_IT_CONFIGS[config][1])]
     else: raise ValueError(f"split={split!r}: expected 'train' or 'validation'")
@@ -308,7 +319,8 @@ def split_heldout(ds,                 # a `datasets.Dataset`
                  ) -> tuple:
     "`(train, heldout)`: `n` rows chosen at random (seeded) are held out; the training rows keep their order."
     if not n: return ds, ds.select([])
-    if n < 0 or n >= len(ds): raise ValueError(f"{name}: n_heldout={n} must be between 0 and the {len(ds)} rows minus one (no training rows left)")
+    if n < 0 or n >= len(ds):
+        raise ValueError(f"{name}: n_heldout={n} must be between 0 and the {len(ds)} rows minus one (no training rows left)")
     out = set(random.Random(seed).sample(range(len(ds)), n))
     return ds.select([i for i in range(len(ds)) if i not in out]), ds.select(sorted(out))
 

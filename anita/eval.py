@@ -130,6 +130,13 @@ def minimal_pairs(lang:str="it", n_numbers:int=100, seed:int=0) -> list:
     return rows
 
 # %% ../nbs/05_eval.ipynb #a0ca5e1a
+def _check_options(backend:str, gpu_memory_utilization:float):
+    "Clear errors for a wrong `backend` or `gpu_memory_utilization`."
+    if backend not in ("hf", "vllm", "auto"):
+        raise ValueError(f"backend: expected 'hf', 'vllm' or 'auto', got {backend!r}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization: expected a share in (0, 1], got {gpu_memory_utilization!r}")
+
 def _route(backend:str, specs:list, heldout:bool=False) -> list:
     "`[(backend, specs)]` for one model: with `auto` and vLLM installed, generation tasks on vLLM, the rest on `hf`."
     if backend == "auto" and _has_vllm():
@@ -171,10 +178,7 @@ def evaluate(models={"embedded": "embedded"}, suite="local", num_fewshot:int=Non
     inc = include_paths(include)
     models, tm = parse_models(models, root, run), task_manager(True, inc)
     specs = resolve_suite(suite, tm)
-    if backend not in ("hf", "vllm",
-                       "auto"): raise ValueError(f"backend: expected 'hf', 'vllm' or 'auto', got {backend!r}")
-    if not 0 < gpu_memory_utilization <= 1:
-        raise ValueError(f"gpu_memory_utilization: expected a share in (0, 1], got {gpu_memory_utilization!r}")
+    _check_options(backend, gpu_memory_utilization)
     held = load_heldout(heldout) if heldout else {}
     params = dict(suite=suite, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                   max_batch_size=max_batch_size,
@@ -212,6 +216,29 @@ def results_rows(results:dict) -> list:
     return [dict(model=n, task=t, metric=k, value=v) for n, m in results["models"].items()
             for t, mets in m["metrics"].items() for k, v in mets.items()]
 
+# %% ../nbs/05_eval.ipynb #a67e8076
+def _table_head(p:dict) -> str:
+    "The top of `table.md`: the run's settings and how to read the columns."
+    shots = p['num_fewshot'] if p['num_fewshot'] is not None else 'task default'
+    return (f"# Evaluation: suite `{p['suite']}`\n\nfew-shot: {shots}, limit: {p['limit']}, batch size: {p['batch_size']}, "
+            f"backend: {p['backend']}, chat template: {p['apply_chat_template']}, system prompt: {p['system_prompt']!r}.\n"
+            "`paper:` columns: Polignano et al. 2024, Tables 1 (EN) and 2 (IT); `leaderboard:` = Open Ita LLM Leaderboard, "
+            "not in the paper (see anita/paper/README.md). Averages: `printed` = the paper's, `recomputed` = the mean of "
+            "the column's cells of that table. Δ = this run − paper ANITA.\n\n")
+
+_HELDOUT_HEAD = ("## Held-out figures: what each step changed\n\nOn rows no step trained on (the data step's `heldout/`), "
+                 "mean ± standard error over rows; step's change = this step's model − the one before it, on the same "
+                 "rows, ± the paired standard error; ✓ = the intended direction and more than twice that error. Loss = "
+                 "mean negative log-likelihood per token (nats).\n\n")
+
+def _write_heldout(results:dict, out:Path) -> list:
+    "`heldout.json` and `heldout.md` when the models have held-out figures; returns their paths."
+    if not any(m.get("heldout") for m in results["models"].values()): return []
+    js = write_json(out/"heldout.json", dict(models={n: m.get("heldout") for n, m in results["models"].items()},
+                                             effects=step_effects(results)))
+    with atomic_write(out/"heldout.md") as f: f.write(_HELDOUT_HEAD + heldout_table(results))
+    return [js, out/"heldout.md"]
+
 # %% ../nbs/05_eval.ipynb #bd7af67a
 def write_outputs(results:dict, out_dir) -> list:
     "Write results.json/.csv, table.md, chart.png, generations.json, report.json and lm_eval/<name>.json; returns the paths."
@@ -233,11 +260,7 @@ def write_outputs(results:dict, out_dir) -> list:
     paths.append(out/"results.csv")
     df = comparison_table(results)
     p = results["params"]
-    head = (f"# Evaluation: suite `{p['suite']}`\n\nfew-shot: {p['num_fewshot'] if p['num_fewshot'] is not None else 'task default'}, "
-            f"limit: {p['limit']}, batch size: {p['batch_size']}, backend: {p['backend']}, chat template: {p['apply_chat_template']}, "
-            f"system prompt: {p['system_prompt']!r}.\n`paper:` columns: Polignano et al. 2024, Tables 1 (EN) and 2 (IT); `leaderboard:` "
-            f"= Open Ita LLM Leaderboard, not in the paper (see anita/paper/README.md). Averages: `printed` = the paper's, "
-            f"`recomputed` = the mean of the column's cells of that table. Δ = this run − paper ANITA.\n\n")
+    head = _table_head(p)
     with atomic_write(out/"table.md") as f: f.write(head + to_markdown(df))
     paths.append(out/"table.md")
     paths.append(bar_chart(df, out/"chart.png", title=f"anita eval: {p['suite']}"))
@@ -247,16 +270,7 @@ def write_outputs(results:dict, out_dir) -> list:
                    **{f"{t}.{k}": round(v, 4) for t, mets in m["metrics"].items() for k, v in mets.items()})
            for n, m in results["models"].items()}
     paths.append(write_json(out/"report.json", dict(suite=p["suite"], models=rep)))
-    if any(m.get("heldout") for m in results["models"].values()):
-        paths.append(write_json(out/"heldout.json",
-                                dict(models={n: m.get("heldout") for n, m in results["models"].items()},
-                                                         effects=step_effects(results))))
-        with atomic_write(out/"heldout.md") as f:
-            f.write("## Held-out figures: what each step changed\n\nOn rows no step trained on (the data step's `heldout/`), "
-                    "mean ± standard error over rows; step's change = this step's model − the one before it, on the same rows, "
-                    "± the paired standard error; ✓ = the intended direction and more than twice that error. Loss = mean "
-                    "negative log-likelihood per token (nats).\n\n" + heldout_table(results))
-        paths.append(out/"heldout.md")
+    paths += _write_heldout(results, out)
     return [str(x) for x in paths]
 
 # %% ../nbs/05_eval.ipynb #6d57fee5

@@ -53,7 +53,8 @@ def include_paths(include=None) -> tuple:
         if not p.is_dir():
             raise FileNotFoundError(f"include: {p} is not a folder (relative paths are taken from {Path.cwd()}; anita-run runs the step "
                                     f"in the run folder, so give it an absolute path)")
-        if not any(p.rglob("*.yaml")) and not any(p.rglob("*.yml")): raise ValueError(f"include: {p} holds no lm-eval task YAML files")
+        if not any(p.rglob("*.yaml")) and not any(p.rglob("*.yml")):
+            raise ValueError(f"include: {p} holds no lm-eval task YAML files")
         out.append(str(p))
     return tuple(dict.fromkeys(out))
 
@@ -70,7 +71,8 @@ def resolve_suite(suite, tm=None) -> list:
     "Task specs (`task`, `metrics`, `num_fewshot`, `generate`) for a suite name, a task name, a comma list or a list of them."
     tm = tm or task_manager()
     items = [s.strip() for s in suite.split(",") if s.strip()] if isinstance(suite, str) else list(suite or [])
-    if not items: raise ValueError(f"suite: expected a suite name ({', '.join(SUITES)}) or lm-eval task names, got {suite!r}")
+    if not items:
+        raise ValueError(f"suite: expected a suite name ({', '.join(SUITES)}) or lm-eval task names, got {suite!r}")
     specs, known = [], set(tm.all_tasks)
     for it in items:
         if isinstance(it, dict):
@@ -128,13 +130,14 @@ def model_args(ref) -> dict:
     if p.is_file(): raise FileNotFoundError(f"{p}: expected a model folder, got a file")
     has = lambda pats: any(f for pat in pats for f in p.glob(pat))
     if (p/"config.json").exists():
-        if not has(_WEIGHTS): raise FileNotFoundError(f"{p}: model folder has config.json but no weights (*.safetensors / *.bin)")
+        if not has(_WEIGHTS):
+            raise FileNotFoundError(f"{p}: model folder has config.json but no weights (*.safetensors / *.bin)")
         return dict(pretrained=str(p))
     cfg = read_json(p/"adapter_config.json")
     base = cfg.get("base_model_name_or_path")
     if not base: raise ValueError(f"{p/'adapter_config.json'}: no base_model_name_or_path")
-    if not has(("adapter_model.*",
-                )): raise FileNotFoundError(f"{p}: adapter folder has no adapter_model.safetensors/.bin")
+    if not has(("adapter_model.*", )):
+        raise FileNotFoundError(f"{p}: adapter folder has no adapter_model.safetensors/.bin")
     return dict(pretrained=resolve_model(base), peft=str(p))
 
 # %% ../nbs/05a_eval_harness.ipynb #e33c60a3
@@ -158,8 +161,10 @@ def make_lm(ref, backend:str="hf", batch_size="auto", max_batch_size:int=64, dev
     args = model_args(ref)
     if max_length: kw["max_length"] = max_length
     if backend == "vllm":
-        if not _has_vllm(): raise ImportError("backend='vllm' needs the `vllm` package (GPU only): pip install vllm, or use backend='hf'")
-        if "peft" in args: raise ValueError(f"{ref}: vLLM evaluates merged models; pass the merged folder, not the adapter")
+        if not _has_vllm():
+            raise ImportError("backend='vllm' needs the `vllm` package (GPU only): pip install vllm, or use backend='hf'")
+        if "peft" in args:
+            raise ValueError(f"{ref}: vLLM evaluates merged models; pass the merged folder, not the adapter")
         from lm_eval.models.vllm_causallms import VLLM
         return VLLM(pretrained=args["pretrained"], dtype=dtype, batch_size=batch_size, max_batch_size=max_batch_size,
                     gpu_memory_utilization=gpu_memory_utilization, **kw)
@@ -240,7 +245,8 @@ def extract_metrics(raw, specs:list=None, source:str="lm-eval output", stderr:bo
         names = s["metrics"] or [k.replace(",none", "") for k in r if "," in k and "_stderr" not in k]
         for m in names:
             key = m if "," in m else f"{m},none"
-            if key not in r: raise ValueError(f"{source}: task {t!r} has no metric {key!r} (has: {', '.join(k for k in r if ',' in k)})")
+            if key not in r:
+                raise ValueError(f"{source}: task {t!r} has no metric {key!r} (has: {', '.join(k for k in r if ',' in k)})")
             v = r[key]
             if stderr: v = r.get(key.replace(",", "_stderr,", 1))
             mets[m] = float(v) if isinstance(v, (int, float)) else float("nan")

@@ -21,7 +21,8 @@ def load_heldout(path) -> dict:
     if isinstance(path, dict): return path
     from datasets import load_from_disk
     p = Path(path)
-    if not p.is_dir(): raise FileNotFoundError(f"heldout: {p} is not a folder (the data step writes 01_data/heldout with n_heldout_* > 0)")
+    if not p.is_dir():
+        raise FileNotFoundError(f"heldout: {p} is not a folder (the data step writes 01_data/heldout with n_heldout_* > 0)")
     out = {k: load_from_disk(str(p/k)) for k in HELDOUT_KINDS if (p/k).is_dir()}
     if not out: raise FileNotFoundError(f"heldout: {p} has none of {', '.join(HELDOUT_KINDS)}")
     return out

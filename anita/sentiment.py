@@ -44,7 +44,8 @@ def load_fpb(path=None # CSV path; None = `find_data(FPB_FILE, FPB_SAMPLE)`
     for i, r in enumerate(rows, 1):
         if len(r) != 2: raise ValueError(f"{path}: row {i}: expected 2 fields `label,text`, got {len(r)}")
         label, text = r[0].strip().lower(), r[1].strip()
-        if label not in LABELS: raise ValueError(f"{path}: row {i}: unknown label {r[0]!r} (expected one of {', '.join(LABELS)})")
+        if label not in LABELS:
+            raise ValueError(f"{path}: row {i}: unknown label {r[0]!r} (expected one of {', '.join(LABELS)})")
         if not text: raise ValueError(f"{path}: row {i}: empty text")
         out.append((label, text))
     if not out: raise ValueError(f"{path}: no rows")
@@ -99,7 +100,8 @@ def parse_sentiment(answer:str) -> str:
 def sentiment_metrics(y_true, y_pred, labels=LABELS) -> dict:
     "Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (columns: labels + unparseable)."
     y_true, y_pred = list(y_true), list(y_pred)
-    if len(y_true) != len(y_pred) or not y_true: raise ValueError(f"need equal, non-empty lists: {len(y_true)} vs {len(y_pred)}")
+    if len(y_true) != len(y_pred) or not y_true:
+        raise ValueError(f"need equal, non-empty lists: {len(y_true)} vs {len(y_pred)}")
     cols = list(labels) + [UNPARSEABLE]
     for i, (t, p) in enumerate(zip(y_true, y_pred)):
         if t not in labels: raise ValueError(f"row {i}: true label {t!r} not in {labels}")

@@ -29,7 +29,8 @@ def read_table(path):
         if suf == ".json": return pd.read_json(p)
         if suf == ".csv": return pd.read_csv(p)
         if suf == ".parquet": return pd.read_parquet(p)
-        if suf == ".txt": return pd.DataFrame(dict(text=[l for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]))
+        if suf == ".txt":
+            return pd.DataFrame(dict(text=[l for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]))
     except ValueError as e: raise ValueError(f"{p}: cannot read as {suf} ({e})") from None
     raise ValueError(f"{p}: unsupported file type {suf!r} (use .jsonl, .json, .csv, .parquet or .txt)")
 
@@ -45,7 +46,8 @@ def load_texts(path=None,             # data file; None = the shipped `topics_it
     if df.empty: raise ValueError(f"{p}: no rows")
     texts = []
     for i, t in enumerate(df[text_column]):
-        if not isinstance(t, str) or not t.strip(): raise ValueError(f"{p}: row {i}: column {text_column!r} is empty or not text")
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"{p}: row {i}: column {text_column!r} is empty or not text")
         texts.append(t.strip())
     return texts, df
 
