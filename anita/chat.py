@@ -6,7 +6,8 @@
 from __future__ import annotations
 import argparse, os, threading, time
 from pathlib import Path
-from .core import ANITA_SYSTEM_PROMPT, run_dir, step_manifest, write_json, seed_everything
+from .core import ANITA_SYSTEM_PROMPT, run_dir, step_manifest, write_json, seed_everything, ensure_pad_token
+from .models import load_model
 
 # %% auto #0
 __all__ = ['to_messages', 'stream_chat', 'load_chat_model', 'chat_fn', 'build_demo', 'parse_args', 'main']
@@ -44,7 +45,8 @@ def stream_chat(model, tok, messages, temperature:float=0.6, top_p:float=0.9, ma
     sample = temperature is not None and temperature > 0
     gen = dict(**enc, streamer=streamer, max_new_tokens=int(max_new_tokens), do_sample=sample,
                stopping_criteria=StoppingCriteriaList([_Stop()]), pad_token_id=tok.pad_token_id,
-               **(dict(temperature=float(temperature), top_p=float(top_p)) if sample else dict(temperature=None, top_p=None, top_k=None)))
+               **(dict(temperature=float(temperature), top_p=float(top_p)) if sample else dict(temperature=None,
+                                                                                               top_p=None, top_k=None)))
     if seed is not None: torch.manual_seed(seed)
     th = threading.Thread(target=lambda: model.generate(**gen), daemon=True)
     th.start()
@@ -60,23 +62,24 @@ def stream_chat(model, tok, messages, temperature:float=0.6, top_p:float=0.9, ma
         th.join(timeout=60)
 
 # %% ../nbs/10_chat.ipynb #089f9067
-def load_chat_model(name:str="embedded"):
-    "Model and tokenizer for the chat: a GGUF file (see `anita.export.load_gguf`), else a name or folder (see `anita.sentiment.load_model`)."
+def load_chat_model(name:str="embedded" # a GGUF file (see `anita.export.load_gguf`), else see `anita.models.load_model`
+                   ):
+    "Model and tokenizer for the chat, with a pad token."
     if str(name).endswith(".gguf"):
         from anita.export import load_gguf
-        from anita.core import ensure_pad_token
         m, tok = load_gguf(name)
         return m, ensure_pad_token(tok)
-    from anita.sentiment import load_model
     return load_model(name)
 
 # %% ../nbs/10_chat.ipynb #5c968a6a
 def chat_fn(model, tok, seed:int=None):
     "The Gradio chat function: (message, history, system, temperature, top_p, max_new_tokens) -> streamed reply."
     def respond(message, history, system=ANITA_SYSTEM_PROMPT, temperature=0.6, top_p=0.9, max_new_tokens=512):
-        yield from stream_chat(model, tok, to_messages(message, history, system), temperature, top_p, max_new_tokens, seed=seed)
+        yield from stream_chat(model, tok, to_messages(message, history, system), temperature, top_p, max_new_tokens,
+                               seed=seed)
     return respond
 
+# %% ../nbs/10_chat.ipynb #9511e62e
 def build_demo(model="embedded",                       # name/folder, or a (model, tokenizer) pair
                system_prompt:str=ANITA_SYSTEM_PROMPT,  # initial (editable) system prompt
                temperature:float=0.6, top_p:float=0.9, max_new_tokens:int=512, title:str="LLaMAntino-3 ANITA"):
@@ -98,7 +101,8 @@ def build_demo(model="embedded",                       # name/folder, or a (mode
 def parse_args(argv=None):
     "Command-line options of `anita-chat`."
     p = argparse.ArgumentParser("anita-chat", description="Chat with an ANITA model in a local Gradio UI.")
-    p.add_argument("--model", default="embedded", help="Hub id, local folder, GGUF file (e.g. runs/demo/13_export/anita-Q8_0.gguf), `embedded` or `tiny-llama3` (default: embedded)")
+    p.add_argument("--model", default="embedded",
+                   help="Hub id, local folder, GGUF file (e.g. runs/demo/13_export/anita-Q8_0.gguf), `embedded` or `tiny-llama3` (default: embedded)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
@@ -108,6 +112,7 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=512)
     return p.parse_args(argv)
 
+# %% ../nbs/10_chat.ipynb #93bcbf8c
 def main(argv=None):
     "Entry point of `anita-chat`."
     a = parse_args(argv)

@@ -4,17 +4,18 @@
 
 # %% ../nbs/01_data.ipynb #287655af
 from __future__ import annotations
-import gzip, hashlib, json, random, re, warnings
+import json, random, re, warnings
 from collections import Counter
 from importlib import util as importlib_util
 from pathlib import Path
-from .core import atomic_dir, atomic_write, fingerprint, resolve_model, run_dir, step_manifest, write_json
+from .core import atomic_dir, atomic_write, resolve_model, run_dir, step_manifest, write_json
+from .sources import *
+from .sources import _dataset, _finish, _source_name
 
 # %% auto #0
 __all__ = ['SFT_HUB', 'DPO_HUB', 'ITA_HUB', 'SAMPLE_FILES', 'ALPACA_PREAMBLE', 'ALPACA_PREAMBLE_INPUT', 'ALPACA_TEMPLATE',
-           'ALPACA_TEMPLATE_INPUT', 'MC4_IT_CONFIGS', 'STEP_COLUMNS', 'sample_path', 'local_data_files', 'load_source',
-           'iter_rows', 'eot_token', 'bos_string', 'get_tokenizer', 'BadRows', 'eval_texts', 'ngram_index',
-           'contaminated', 'data_report', 'strip_markers', 'alpaca_prompt', 'prepare_sft', 'split_pair', 'prepare_dpo',
+           'ALPACA_TEMPLATE_INPUT', 'MC4_IT_CONFIGS', 'STEP_COLUMNS', 'sample_path', 'eot_token', 'bos_string',
+           'get_tokenizer', 'strip_markers', 'alpaca_prompt', 'prepare_sft', 'split_pair', 'prepare_dpo',
            'mc4_it_files', 'reservoir_sample', 'prepare_ita', 'token_lengths', 'length_stats', 'split_heldout',
            'plot_token_lengths', 'run_data_step']
 
@@ -22,7 +23,8 @@ __all__ = ['SFT_HUB', 'DPO_HUB', 'ITA_HUB', 'SAMPLE_FILES', 'ALPACA_PREAMBLE', '
 SFT_HUB = "Chat-Error/wizard_alpaca_dolly_orca"
 DPO_HUB = "mlabonne/orpo-dpo-mix-40k"
 ITA_HUB = "gsarti/clean_mc4_it"
-SAMPLE_FILES = dict(sft="sft_sample.jsonl", dpo="dpo_sample.jsonl", ita="mc4_it_sample.jsonl", en="en_text_sample.jsonl")
+SAMPLE_FILES = dict(sft="sft_sample.jsonl", dpo="dpo_sample.jsonl", ita="mc4_it_sample.jsonl",
+                    en="en_text_sample.jsonl")
 
 def sample_path(kind:str # `sft`, `dpo`, `ita` or `en` (English paragraphs, held-out text only)
                ) -> Path:
@@ -31,89 +33,6 @@ def sample_path(kind:str # `sft`, `dpo`, `ita` or `en` (English paragraphs, held
     p = Path(importlib_util.find_spec("anita").origin).parent/"samples"/SAMPLE_FILES[kind]
     if not p.exists(): raise FileNotFoundError(f"{p}: shipped sample missing (broken install?)")
     return p
-
-# %% ../nbs/01_data.ipynb #f8e78d36
-_BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet", ".csv": "csv"}
-
-def _builder(p:Path) -> str|None:
-    name = p.name.lower()
-    return next((b for ext, b in sorted(_BUILDERS.items(), key=lambda kv: -len(kv[0])) if name.endswith(ext)), None)
-
-def local_data_files(path) -> tuple:
-    "`(builder, files)` for a local data file or a folder of them (all of one kind)."
-    p = Path(path).expanduser()
-    if not p.exists(): raise FileNotFoundError(f"{p}: no such data file or folder")
-    files = sorted(f for f in p.rglob("*") if f.is_file() and _builder(f)) if p.is_dir() else [p]
-    if not files: raise FileNotFoundError(f"{p}: folder has no {', '.join(_BUILDERS)} files")
-    kinds = {_builder(f) for f in files}
-    if None in kinds: raise ValueError(f"{p}: unsupported data file type (expected one of {', '.join(_BUILDERS)})")
-    if len(kinds) > 1: raise ValueError(f"{p}: folder mixes data file types {sorted(kinds)}")
-    return kinds.pop(), [str(f) for f in files]
-
-def _is_hub_id(s) -> bool: return isinstance(s, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", s) is not None
-
-def load_source(source,             # Hub id (`owner/name`) or local file/folder (jsonl, json, parquet, csv)
-                split:str="train",  # Hub split
-                streaming:bool=False,
-                **kwargs            # passed to `datasets.load_dataset` (e.g. `name=` for a config)
-               ):
-    "A `datasets.Dataset` (or `IterableDataset` when `streaming`) from a Hub id or a local file/folder."
-    from datasets import load_dataset
-    p = Path(str(source)).expanduser()
-    if p.exists():
-        builder, files = local_data_files(p)
-        try: return load_dataset(builder, data_files=files, split="train", streaming=streaming)
-        except Exception as e:
-            if builder == "csv" and _caused_by(e, UnicodeDecodeError):
-                for f in files: _text(f)   # raises naming the file and line
-            raise
-    if not _is_hub_id(source) or str(source).startswith((".", "/", "~")) or _builder(p):   # `data/sft.jsonl` is a path
-        where = "" if p.is_absolute() else f" (looked in {Path.cwd()})"
-        raise FileNotFoundError(f"{source}: no such data file or folder{where}; "
-                                f"neither a local data file/folder nor a Hub dataset id (owner/name)")
-    return load_dataset(source, split=split, streaming=streaming, **kwargs)
-
-def _caused_by(e, kind) -> bool:
-    while e is not None and not isinstance(e, kind): e = e.__cause__ or e.__context__
-    return e is not None
-
-def _text(f:str) -> str:
-    "The UTF-8 text of a (gzipped) file, else a `ValueError` naming the file and the line of the first byte that is not UTF-8."
-    with (gzip.open if f.endswith(".gz") else open)(f, "rb") as fh: data = fh.read()
-    try: return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        ln = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{f}, line {ln}: not UTF-8 text (byte {data[e.start]:#04x}); "
-                         f"save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
-
-# %% ../nbs/01_data.ipynb #f1ef4a47
-def _json_rows(f:str):
-    text = _text(f)
-    if text.lstrip().startswith("["):
-        try: yield from json.loads(text)
-        except json.JSONDecodeError as e: raise ValueError(f"{f}: not valid JSON ({e})") from None
-        return
-    for ln, line in enumerate(text.splitlines(), 1):
-        if not line.strip(): continue
-        try: yield json.loads(line)
-        except json.JSONDecodeError as e: raise ValueError(f"{f}, line {ln}: not valid JSON ({e})") from None
-
-def iter_rows(source, split:str="train", streaming:bool=False):
-    "Rows of `source` (list of dicts, `datasets` object, local file/folder or Hub id) as Python objects."
-    if isinstance(source, (list, tuple)) or hasattr(source, "features") or hasattr(source, "_ex_iterable"):
-        yield from source; return
-    p = Path(str(source)).expanduser()
-    if p.exists():
-        builder, files = local_data_files(p)
-        if builder == "json":
-            for f in files: yield from _json_rows(f)
-            return
-    yield from load_source(source, split=split, streaming=streaming)
-
-def _source_name(source) -> str:
-    if isinstance(source, (list, tuple)): return f"<{len(source)} rows>"
-    if hasattr(source, "features") or hasattr(source, "_ex_iterable"): return f"<{type(source).__name__}>"
-    return str(source)
 
 # %% ../nbs/01_data.ipynb #ef299994
 _PROBE = "PROBE-ANSWER-7f3a"
@@ -138,6 +57,7 @@ def eot_token(tok) -> str:
     if tok.eos_token: return tok.eos_token
     raise ValueError(f"{getattr(tok, 'name_or_path', tok)}: tokenizer has no chat template end-of-turn token and no eos_token")
 
+# %% ../nbs/01_data.ipynb #d53403e6
 def bos_string(tok) -> str:
     "The tokenizer's BOS string, or `''` when it has none or its BOS is the chat template's turn opener (ChatML)."
     b = tok.bos_token
@@ -154,74 +74,6 @@ def get_tokenizer(tokenizer):
     if not isinstance(tokenizer, (str, Path)): return tokenizer
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(resolve_model(str(tokenizer)))
-
-# %% ../nbs/01_data.ipynb #b1ef1cf6
-class BadRows:
-    "Counts bad rows by reason and keeps the first few `(index, reason)` for the error message."
-    def __init__(self, name:str, max_bad_frac:float=0.05): self.name, self.max_bad_frac, self.counts, self.first = name, max_bad_frac, Counter(), []
-    def add(self, idx:int, reason:str):
-        self.counts[reason] += 1
-        if len(self.first) < 5: self.first.append((idx, reason))
-    @property
-    def n(self) -> int: return sum(self.counts.values())
-    def check(self, n_rows:int):
-        "Raise `ValueError` when more than `max_bad_frac` of `n_rows` are bad (or all are)."
-        if self.n and (self.n > self.max_bad_frac*n_rows or self.n == n_rows):
-            ex = "; ".join(f"row {i}: {r}" for i, r in self.first)
-            raise ValueError(f"{self.name}: {self.n} of {n_rows} rows are bad (max_bad_frac={self.max_bad_frac}); "
-                             f"first: {ex}")
-
-# %% ../nbs/01_data.ipynb #522004d5
-def _ngrams(text:str, n:int) -> set:
-    w = re.findall(r"\w+", text.lower())
-    return {hash(" ".join(w[i:i+n])) for i in range(len(w)-n+1)}
-
-def eval_texts(x) -> list:
-    "Evaluation texts from a list (of strings or dicts) or a data file/folder; dict rows give their string fields joined."
-    if x is None: return []
-    rows = iter_rows(x) if isinstance(x, (str, Path)) else x
-    return [r if isinstance(r, str) else " ".join(v for v in r.values() if isinstance(v, str)) for r in rows]
-
-def ngram_index(texts, n:int=13) -> set:
-    "Hashes of all word `n`-grams of `texts` (a list, or a file for `eval_texts`): the evaluation side of decontamination."
-    texts = eval_texts(texts)
-    return set().union(*(_ngrams(t, n) for t in texts)) if texts else set()
-
-def contaminated(text:str, index:set, n:int=13) -> bool:
-    "Does `text` share a word `n`-gram with the evaluation `index`?"
-    return bool(index) and not _ngrams(text, n).isdisjoint(index)
-
-# %% ../nbs/01_data.ipynb #98cd1856
-def _finish(rows:list, keys:tuple, name:str, bad:BadRows, n_in:int, dedup:bool, decon:set, ngram:int, report:dict,
-            text_of=None) -> tuple:
-    "Shared tail: bad-row threshold, exact dedup, decontamination; returns `(rows, report)`."
-    if not n_in: raise ValueError(f"{name}: no rows")
-    bad.check(n_in)
-    seen, out, dups, cont = set(), [], 0, 0
-    for r in rows:
-        key = tuple(r[k] for k in keys)
-        if dedup:
-            h = hashlib.sha1("\x00".join(key).encode()).digest()
-            if h in seen: dups += 1; continue
-            seen.add(h)
-        if decon and contaminated((text_of or (lambda r: " ".join(r[k] for k in keys)))(r), decon, ngram):
-            cont += 1; continue
-        out.append(r)
-    report.update(dataset=name, rows_in=n_in, bad=dict(bad.counts), n_bad=bad.n, duplicates=dups, contaminated=cont,
-                  rows_out=len(out))
-    return out, report
-
-def _dataset(rows:list, columns:tuple, report:dict):
-    "A `datasets.Dataset` with `columns`, carrying `report` as JSON in `info.description`."
-    from datasets import Dataset, DatasetInfo, Features, Value
-    feats = Features({c: Value("string") for c in columns})
-    return Dataset.from_dict({c: [r[c] for r in rows] for c in columns}, features=feats,
-                             info=DatasetInfo(description=json.dumps(report, ensure_ascii=False), features=feats))
-
-def data_report(ds) -> dict:
-    "The preparation report (counts by reason) that `prepare_sft/dpo/ita` attach to their dataset, also after `load_from_disk`."
-    try: return json.loads(ds.info.description)
-    except (TypeError, ValueError, AttributeError): raise ValueError("dataset carries no anita data report") from None
 
 # %% ../nbs/01_data.ipynb #43defd0a
 _MARKER = re.compile(r"<<\s*(?:human|assistant)\s*>>\s*:[ \t]*", re.I)
@@ -240,7 +92,8 @@ ALPACA_TEMPLATE_INPUT = "{preamble}\n\n### Instruction:\n{instruction}\n\n### In
 def alpaca_prompt(instruction:str, input:str="", system:str="") -> str:
     "The Alpaca-LoRA prompt (with or without input); a non-empty `system` replaces the preamble sentence."
     if input:
-        return ALPACA_TEMPLATE_INPUT.format(preamble=system or ALPACA_PREAMBLE_INPUT, instruction=instruction, input=input)
+        return ALPACA_TEMPLATE_INPUT.format(preamble=system or ALPACA_PREAMBLE_INPUT, instruction=instruction,
+                                            input=input)
     return ALPACA_TEMPLATE.format(preamble=system or ALPACA_PREAMBLE, instruction=instruction)
 
 # %% ../nbs/01_data.ipynb #9b695916
@@ -274,14 +127,19 @@ def prepare_sft(source,                    # Hub id (default dataset: `SFT_HUB`)
     for i, row in enumerate(iter_rows(source, split)):
         if limit is not None and i >= limit: break
         n += 1
-        if not isinstance(row, dict): bad.add(i, f"row: wrong type {type(row).__name__}"); continue
+        if not isinstance(row, dict):
+            bad.add(i, f"row: wrong type {type(row).__name__}")
+            continue
         (ins, r1), (inp, r2), (sys_, r3), (out, r4) = (_field(row, "instruction", True), _field(row, "input", False),
                                                        _field(row, "system", False), _field(row, "output", True))
         reason = r1 or r2 or r3 or r4
-        if reason: bad.add(i, reason); continue
+        if reason:
+            bad.add(i, reason)
+            continue
         body = _strip_prefix(alpaca_prompt(ins, inp, sys_), bos)
         rows.append(dict(prompt=bos + body, completion=_strip_prefix(out, bos) + eot))
-    rows, report = _finish(rows, ("prompt", "completion"), name, bad, n, dedup, ngram_index(decontaminate, ngram), ngram,
+    rows, report = _finish(rows, ("prompt", "completion"), name, bad, n, dedup, ngram_index(decontaminate, ngram),
+                           ngram,
                            dict(kind="sft", bos=bos, eot=eot))
     ds = _dataset(rows, ("prompt", "completion"), report)
     return (ds, report) if return_report else ds
@@ -290,7 +148,8 @@ def prepare_sft(source,                    # Hub id (default dataset: `SFT_HUB`)
 def _label(s) -> str: return str(s).strip().rstrip("/").split("/")[-1].lower()
 
 def _messages_reason(msgs, k:str) -> str|None:
-    if not isinstance(msgs, list): return f"{k}: wrong type {type(msgs).__name__}" if msgs is not None else f"{k}: missing"
+    if not isinstance(msgs, list):
+        return f"{k}: wrong type {type(msgs).__name__}" if msgs is not None else f"{k}: missing"
     if len(msgs) < 2: return f"{k}: fewer than 2 messages"
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -308,6 +167,21 @@ def split_pair(chosen:list, rejected:list, where:str="") -> tuple:
     if pc != pr: raise ValueError(f"{where}: chosen and rejected do not share the same prompt turns")
     return pc, chosen[-1]["content"].strip(), rejected[-1]["content"].strip()
 
+# %% ../nbs/01_data.ipynb #4bcb29a2
+def _dpo_record(row:dict, where:str, tok, eot:str, system_prompt:str=None) -> dict|str:
+    "One DPO row as `prompt`/`chosen`/`rejected` text, or the reason it is a bad row."
+    reason = _messages_reason(row.get("chosen"), "chosen") or _messages_reason(row.get("rejected"), "rejected")
+    if reason: return reason
+    msgs, ch, rj = split_pair(row["chosen"], row["rejected"], where)
+    if system_prompt and msgs[0]["role"] != "system": msgs = [dict(role="system", content=system_prompt)] + msgs
+    return dict(prompt=_render(tok, msgs, add_generation_prompt=True), chosen=ch + eot, rejected=rj + eot)
+
+def _by_source(per:dict, rows:list) -> dict:
+    "Per `source` label: the rows kept, excluded and bad, and the two together (dropped)."
+    kept = Counter(r["source"] for r in rows)
+    return {s: dict(kept=kept[s], excluded=c["excluded"], bad=c["bad"], dropped=c["excluded"] + c["bad"])
+            for s, c in sorted(per.items())}
+
 # %% ../nbs/01_data.ipynb #f9b17810
 def prepare_dpo(source,                                # Hub id (default dataset: `DPO_HUB`), local file/folder, list or `datasets` object
                 tokenizer,                             # tokenizer (its chat template renders the prompt), or model name/folder
@@ -322,7 +196,8 @@ def prepare_dpo(source,                                # Hub id (default dataset
                 return_report:bool=False):
     "DPO pairs: `prompt` rendered with the chat template (generation prompt included), `chosen`/`rejected` = answer + end-of-turn."
     tok = get_tokenizer(tokenizer)
-    if not getattr(tok, "chat_template", None): raise ValueError(f"{getattr(tok, 'name_or_path', 'tokenizer')}: no chat template")
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"{getattr(tok, 'name_or_path', 'tokenizer')}: no chat template")
     eot, name = eot_token(tok), _source_name(source)
     if isinstance(exclude_sources, str): exclude_sources = [exclude_sources]
     excl = {_label(e): e for e in (exclude_sources or ())}
@@ -330,23 +205,28 @@ def prepare_dpo(source,                                # Hub id (default dataset
     for i, row in enumerate(iter_rows(source, split)):
         if limit is not None and i >= limit: break
         n += 1
-        if not isinstance(row, dict): bad.add(i, f"row: wrong type {type(row).__name__}"); continue
+        if not isinstance(row, dict):
+            bad.add(i, f"row: wrong type {type(row).__name__}")
+            continue
         src = row.get("source") if isinstance(row.get("source"), str) and row.get("source") else "unknown"
         st = per.setdefault(src, Counter())
-        if _label(src) in excl: hits[_label(src)] += 1; st["excluded"] += 1; continue
-        reason = _messages_reason(row.get("chosen"), "chosen") or _messages_reason(row.get("rejected"), "rejected")
-        if reason: bad.add(i, reason); st["bad"] += 1; continue
-        msgs, ch, rj = split_pair(row["chosen"], row["rejected"], f"{name}: row {i}")
-        if system_prompt and msgs[0]["role"] != "system": msgs = [dict(role="system", content=system_prompt)] + msgs
-        rows.append(dict(prompt=_render(tok, msgs, add_generation_prompt=True), chosen=ch + eot, rejected=rj + eot, source=src))
+        if _label(src) in excl:
+            hits[_label(src)] += 1
+            st["excluded"] += 1
+            continue
+        r = _dpo_record(row, f"{name}: row {i}", tok, eot, system_prompt)
+        if isinstance(r, str):
+            bad.add(i, r)
+            st["bad"] += 1
+            continue
+        rows.append(dict(r, source=src))
     warn = [f"exclude_sources entry {e!r} matched no row of {name}" for k, e in excl.items() if not hits[k]]
     for w in warn: warnings.warn(w)
-    rows, report = _finish(rows, ("prompt", "chosen", "rejected"), name, bad, n, dedup, ngram_index(decontaminate, ngram),
+    rows, report = _finish(rows, ("prompt", "chosen", "rejected"), name, bad, n, dedup,
+                           ngram_index(decontaminate, ngram),
                            ngram, dict(kind="dpo", eot=eot, excluded=sum(hits.values()), warnings=warn),
                            text_of=lambda r: r["prompt"] + " " + r["chosen"])
-    kept = Counter(r["source"] for r in rows)
-    report["by_source"] = {s: dict(kept=kept[s], excluded=c["excluded"], bad=c["bad"],
-                                   dropped=c["excluded"] + c["bad"]) for s, c in sorted(per.items())}
+    report["by_source"] = _by_source(per, rows)
     ds = _dataset(rows, ("prompt", "chosen", "rejected"), report)
     return (ds, report) if return_report else ds
 
@@ -357,12 +237,14 @@ def mc4_it_files(config:str="tiny", split:str="train", max_files:int=None) -> li
     "`hf://` URLs of the clean_mc4_it json.gz shards of a config (optionally only the first `max_files`)."
     if config not in MC4_IT_CONFIGS: raise ValueError(f"config={config!r}: expected one of {list(MC4_IT_CONFIGS)}")
     base = f"hf://datasets/{ITA_HUB}/clean-mc4-it/"
-    if split == "train": files = [f"{base}c4-it.tfrecord-{i:05d}-of-01024.json.gz" for i in range(MC4_IT_CONFIGS[config][0])]
+    if split == "train":
+        files = [f"{base}c4-it.tfrecord-{i:05d}-of-01024.json.gz" for i in range(MC4_IT_CONFIGS[config][0])]
     elif split == "validation":
         files = [f"{base}c4-it-validation.tfrecord-{i:05d}-of-00008.json.gz" for i in range(MC4_IT_CONFIGS[config][1])]
     else: raise ValueError(f"split={split!r}: expected 'train' or 'validation'")
     return files[:max_files] if max_files else files
 
+# %% ../nbs/01_data.ipynb #c19ddc76
 def reservoir_sample(items, n:int, seed:int=42) -> list:
     "A uniform random sample of `n` items from an iterable of unknown length, in one pass (Algorithm R); `(index, item)` pairs."
     rng, res = random.Random(seed), []
@@ -420,12 +302,14 @@ def token_lengths(ds, tokenizer, columns:tuple, batch_size:int=1000) -> list:
         out += [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
     return out
 
+# %% ../nbs/01_data.ipynb #ddc0f80d
 def length_stats(lengths:list) -> dict:
     "Count, mean, min, max and the 50/90/95/99th percentiles (nearest rank) of `lengths`."
     if not lengths: return dict(count=0)
     s = sorted(lengths)
     pct = lambda q: s[min(len(s)-1, max(0, -(-q*len(s)//100) - 1))]
-    return dict(count=len(s), mean=round(sum(s)/len(s), 1), min=s[0], p50=pct(50), p90=pct(90), p95=pct(95), p99=pct(99), max=s[-1])
+    return dict(count=len(s), mean=round(sum(s)/len(s), 1), min=s[0], p50=pct(50), p90=pct(90), p95=pct(95),
+                p99=pct(99), max=s[-1])
 
 # %% ../nbs/01_data.ipynb #b18e78b1
 def split_heldout(ds,                 # a `datasets.Dataset`
@@ -435,7 +319,8 @@ def split_heldout(ds,                 # a `datasets.Dataset`
                  ) -> tuple:
     "`(train, heldout)`: `n` rows chosen at random (seeded) are held out; the training rows keep their order."
     if not n: return ds, ds.select([])
-    if n < 0 or n >= len(ds): raise ValueError(f"{name}: n_heldout={n} must be between 0 and the {len(ds)} rows minus one (no training rows left)")
+    if n < 0 or n >= len(ds):
+        raise ValueError(f"{name}: n_heldout={n} must be between 0 and the {len(ds)} rows minus one (no training rows left)")
     out = set(random.Random(seed).sample(range(len(ds)), n))
     return ds.select([i for i in range(len(ds)) if i not in out]), ds.select(sorted(out))
 
@@ -450,17 +335,41 @@ def plot_token_lengths(lengths:dict, path) -> Path:
     names = [k for k, v in lengths.items() if v]
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.2*max(1, len(names)), 2.6), dpi=80, squeeze=False)
     for ax, k in zip(axes[0], names):
-        ax.hist(lengths[k], bins=20, color="tab:green"); ax.set_title(f"{k} (n={len(lengths[k])})"); ax.set_xlabel("tokens")
+        ax.hist(lengths[k], bins=20, color="tab:green")
+        ax.set_title(f"{k} (n={len(lengths[k])})")
+        ax.set_xlabel("tokens")
     fig.tight_layout()
     with atomic_write(path, "wb") as f: fig.savefig(f, format="png")
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/01_data.ipynb #45e3bb77
+# %% ../nbs/01_data.ipynb #181e4445
 def _save(ds, path) -> Path:
+    "`ds.save_to_disk(path)`, written to a temporary folder and renamed into place."
     with atomic_dir(path) as tmp: ds.save_to_disk(str(tmp))
     return Path(path)
 
+def _hold_out(dss:dict,       # kind -> (dataset, report), as the `prepare_*` functions return them; updated in place
+              srcs:dict,      # kind -> source, for error messages
+              n_heldout:dict, # kind -> rows to hold out (0: none)
+              seed:int) -> dict:
+    "Split the held-out rows off the `sft`, `dpo` and `ita` datasets; returns them by kind."
+    held = {}
+    for k in ("sft", "dpo", "ita"):
+        ds, rep = dss[k]
+        tr, held[k] = split_heldout(ds, n_heldout[k], seed, f"{srcs[k]} ({k}, n_heldout_{k})")
+        if n_heldout[k]:
+            rep = dict(rep, rows_out=len(tr), heldout=len(held[k]))
+            dss[k] = (_dataset(tr.to_list(), tuple(tr.column_names), rep), rep)
+    return held
+
+def _heldout_en(src, tok, n:int, seed:int, max_bad_frac:float):
+    "`n` English paragraphs of `src` (held-out text only, never trained on); an error when it has fewer."
+    ds, _ = prepare_ita(src, tok, n=n, seed=seed, max_bad_frac=max_bad_frac, return_report=True)
+    if len(ds) < n: raise ValueError(f"{src}: {len(ds)} paragraphs, n_heldout_en={n}")
+    return ds
+
+# %% ../nbs/01_data.ipynb #45e3bb77
 def run_data_step(run:str="nbtest", root="runs",
                   model:str="embedded",          # tokenizer source: `embedded`, `tiny-llama3`, a folder or a Hub id
                   sft_source=None, dpo_source=None, ita_source=None,  # None: the shipped samples
@@ -468,8 +377,10 @@ def run_data_step(run:str="nbtest", root="runs",
                   n_ita:int=100_000, seed:int=42, ita_config:str="tiny", ita_max_files:int=None,
                   exclude_sources=("toxic-dpo-v0.2",), system_prompt:str=None,
                   max_bad_frac:float=0.05, decontaminate=None, ngram:int=13,
-                  n_heldout_sft:int=0, n_heldout_dpo:int=0, n_heldout_ita:int=0,  # rows held out of training (`heldout/`)
-                  en_source=None, n_heldout_en:int=0) -> dict:                   # English paragraphs (None: the shipped sample)
+                  n_heldout_sft:int=0, n_heldout_dpo:int=0,
+                  n_heldout_ita:int=0,  # rows held out of training (`heldout/`)
+                  en_source=None,
+                  n_heldout_en:int=0) -> dict:                   # English paragraphs (None: the shipped sample)
     "Prepare SFT, DPO and Italian data (and held-out splits) into `run_dir(run, '01_data', root)`; returns the report."
     step = run_dir(run, "01_data", root)
     srcs = dict(sft=sft_source or str(sample_path("sft")), dpo=dpo_source or str(sample_path("dpo")),
@@ -488,16 +399,8 @@ def run_data_step(run:str="nbtest", root="runs",
                                    limit=n_dpo, **common),
                    ita=prepare_ita(srcs["ita"], tok, n=n_ita + n_heldout_ita, seed=seed, config=ita_config,
                                    max_files=ita_max_files, **common))
-        held = {}
-        for k, n_ho in (("sft", n_heldout_sft), ("dpo", n_heldout_dpo), ("ita", n_heldout_ita)):
-            ds, rep = dss[k]
-            tr, held[k] = split_heldout(ds, n_ho, seed, f"{srcs[k]} ({k}, n_heldout_{k})")
-            if n_ho:
-                rep = dict(rep, rows_out=len(tr), heldout=len(held[k]))
-                dss[k] = (_dataset(tr.to_list(), tuple(tr.column_names), rep), rep)
-        if n_heldout_en:
-            held["en"], rep_en = prepare_ita(srcs["en"], tok, n=n_heldout_en, seed=seed, max_bad_frac=max_bad_frac, return_report=True)
-            if len(held["en"]) < n_heldout_en: raise ValueError(f"{srcs['en']}: {len(held['en'])} paragraphs, n_heldout_en={n_heldout_en}")
+        held = _hold_out(dss, srcs, dict(sft=n_heldout_sft, dpo=n_heldout_dpo, ita=n_heldout_ita), seed)
+        if n_heldout_en: held["en"] = _heldout_en(srcs["en"], tok, n_heldout_en, seed, max_bad_frac)
         lengths = {k: token_lengths(ds, tok, STEP_COLUMNS[k]) for k, (ds, _) in dss.items()}
         report = dict(tokenizer=getattr(tok, "name_or_path", str(model)), sources=srcs,
                       **{k: dict(rep, token_lengths=length_stats(lengths[k])) for k, (_, rep) in dss.items()})

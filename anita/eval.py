@@ -4,351 +4,18 @@
 
 # %% ../nbs/05_eval.ipynb #962a4db9
 from __future__ import annotations
-import csv, difflib, functools, io, json, math, os, re, time, warnings
-from importlib import util as importlib_util
+import csv, json, re, time
 from pathlib import Path
-from .core import (ANITA_SYSTEM_PROMPT, atomic_write, write_json, read_json, device_info, resolve_model, run_dir,
-                        step_manifest, seed_everything, ensure_pad_token)
+from .core import (ANITA_SYSTEM_PROMPT, atomic_write, write_json, read_json, run_dir, step_manifest,
+                        seed_everything, ensure_pad_token)
+from .eval_harness import *
+from .eval_harness import _has_vllm
+from .eval_paper import *
+from .eval_heldout import *
 
 # %% auto #0
-__all__ = ['SUITES', 'EVALTASKS_DIR', 'CPU_BATCH_SIZE', 'PAPER_TABLES', 'LEADERBOARD_TABLES', 'ANITA_MODEL', 'PAPER_TASKS',
-           'PAPER_METRICS', 'SAMPLE_PROMPTS', 'IT_NOUNS', 'IT_ADJS', 'EN_NOUNS', 'EN_VERBS', 'STEP_ORDER',
-           'HELDOUT_KINDS', 'HELDOUT_FIGURES', 'evaltasks_dir', 'include_paths', 'task_manager', 'resolve_suite',
-           'parse_models', 'model_args', 'effective_batch_size', 'make_lm', 'free_lm', 'run_lm_eval', 'extract_metrics',
-           'lm_eval_name', 'paper_table', 'paper_averages', 'comparison_table', 'to_markdown', 'bar_chart',
-           'generate_samples', 'number_word', 'minimal_pairs', 'step_rank', 'compare', 'load_heldout', 'row_nll',
-           'mean_se', 'ratio_se', 'loss_figure', 'preference_figure', 'heldout_model_figures', 'step_effects',
-           'heldout_table', 'heldout_report_lines', 'evaluate', 'results_rows', 'write_outputs', 'run_eval',
-           'biased_lm', 'gold_fraction']
-
-# %% ../nbs/05_eval.ipynb #fe653313
-def _spec(task, metrics, num_fewshot=None, generate=False): return dict(task=task, metrics=list(metrics), num_fewshot=num_fewshot, generate=generate)
-_GSM = ("exact_match,strict-match", "exact_match,flexible-extract")
-
-SUITES = {
-    "paper_en": [_spec("winogrande", ["acc"]), _spec("truthfulqa_mc2", ["acc"]), _spec("mmlu", ["acc"]),
-                 _spec("hellaswag", ["acc", "acc_norm"]), _spec("gsm8k", _GSM, generate=True),
-                 _spec("arc_challenge", ["acc", "acc_norm"])],
-    "paper_it": [_spec("m_mmlu_it", ["acc"], num_fewshot=5), _spec("arc_it", ["acc_norm"]), _spec("hellaswag_it", ["acc_norm"])],
-    "local":    [_spec("anita_mc_en", ["acc", "acc_norm"]), _spec("anita_mc_it", ["acc", "acc_norm"]),
-                 _spec("anita_arith", _GSM, generate=True)],
-    "pairs":    [_spec("anita_pairs_it", ["acc"]), _spec("anita_pairs_en", ["acc"])],
-}
-SUITES["paper"] = SUITES["paper_en"] + SUITES["paper_it"]
-EVALTASKS_DIR = Path(__file__).resolve().parent/"evaltasks" if "__file__" in globals() else None
-
-# %% ../nbs/05_eval.ipynb #4a015d62
-def evaltasks_dir() -> Path:
-    "The folder of anita's offline lm-eval tasks (YAML + JSONL), shipped in the package."
-    d = EVALTASKS_DIR
-    if d is None or not d.is_dir():  # running the notebook before the package is installed
-        import anita; d = Path(anita.__file__).resolve().parent/"evaltasks"
-    if not d.is_dir(): raise FileNotFoundError(f"{d}: anita's evaltasks folder is missing")
-    return d
-
-def include_paths(include=None) -> tuple:
-    "Extra lm-eval task folders as a tuple of absolute paths, from a path, a comma-separated string or a list; each must hold task YAMLs."
-    if not include: return ()
-    items = [s.strip() for s in str(include).split(",")] if isinstance(include, (str, Path)) else [str(s).strip() for s in include]
-    out = []
-    for s in filter(None, items):
-        p = Path(s).expanduser().absolute()
-        if not p.is_dir():
-            raise FileNotFoundError(f"include: {p} is not a folder (relative paths are taken from {Path.cwd()}; anita-run runs the step "
-                                    f"in the run folder, so give it an absolute path)")
-        if not any(p.rglob("*.yaml")) and not any(p.rglob("*.yml")): raise ValueError(f"include: {p} holds no lm-eval task YAML files")
-        out.append(str(p))
-    return tuple(dict.fromkeys(out))
-
-@functools.lru_cache(maxsize=4)
-def task_manager(include_local:bool=True, include:tuple=()):
-    "lm-eval's `TaskManager` (task registry) with anita's offline tasks and the `include` folders added; cached (indexing takes a few seconds)."
-    from lm_eval.tasks import TaskManager
-    paths = ([str(evaltasks_dir())] if include_local else []) + list(include_paths(include))
-    return TaskManager(include_path=paths or None, verbosity="ERROR")
-
-# %% ../nbs/05_eval.ipynb #5c5224f8
-def resolve_suite(suite, tm=None) -> list:
-    "Task specs (`task`, `metrics`, `num_fewshot`, `generate`) for a suite name, a task name, a comma list or a list of them."
-    tm = tm or task_manager()
-    items = [s.strip() for s in suite.split(",") if s.strip()] if isinstance(suite, str) else list(suite or [])
-    if not items: raise ValueError(f"suite: expected a suite name ({', '.join(SUITES)}) or lm-eval task names, got {suite!r}")
-    specs, known = [], set(tm.all_tasks)
-    for it in items:
-        if isinstance(it, dict): specs.append(_spec(**it)); continue
-        if it in SUITES: specs += [dict(s) for s in SUITES[it]]; continue
-        if it not in known:
-            close = difflib.get_close_matches(it, list(known) + list(SUITES), n=6, cutoff=0.6)
-            raise ValueError(f"unknown lm-eval task or suite {it!r}" + (f"; close names: {', '.join(close)}" if close else "")
-                             + f" (suites: {', '.join(SUITES)})")
-        specs.append(_spec(it, []))   # metrics: all that lm-eval reports
-    for s in specs:
-        if s["task"] not in known:
-            close = difflib.get_close_matches(s["task"], list(known), n=6, cutoff=0.6)
-            raise ValueError(f"task {s['task']!r} is not in the installed lm-eval registry; close names: {', '.join(close) or 'none'}")
-    seen = set()
-    return [s for s in specs if not (s["task"] in seen or seen.add(s["task"]))]
-
-# %% ../nbs/05_eval.ipynb #dc6f0715
-def parse_models(models, root="runs", run="nbtest") -> dict:
-    "`name -> model` from a dict, a list of `name=path` / plain refs, or a comma-separated string; fills `{root}`/`{run}`."
-    if isinstance(models, dict): items = list(models.items())
-    else:
-        if isinstance(models, str): models = [m for m in models.split(",") if m.strip()]
-        items = []
-        for m in models or []:
-            if not isinstance(m, str): items.append((type(m).__name__, m)); continue
-            name, sep, ref = m.partition("=")
-            if sep: items.append((name.strip(), ref.strip()))
-            else:
-                p = Path(m.strip())
-                items.append((p.parent.name if p.name in ("merged", "adapter") and p.parent.name else m.strip(), m.strip()))
-    if not items: raise ValueError(f"models: nothing to evaluate in {models!r}")
-    out = {}
-    for name, ref in items:
-        if not name: raise ValueError(f"models: empty name for {ref!r}")
-        if name in out: raise ValueError(f"models: duplicate name {name!r}")
-        if isinstance(ref, str): ref = ref.replace("{root}", str(root)).replace("{run}", str(run))
-        out[name] = ref
-    return out
-
-_WEIGHTS = ("*.safetensors", "*.bin", "*.gguf", "*.pt")
-
-def model_args(ref) -> dict:
-    "lm-eval `model_args` (`pretrained`, and `peft` for an adapter folder) for a model reference, checked for weights."
-    path = resolve_model(str(ref))
-    p = Path(path)
-    if not p.exists(): return dict(pretrained=path)                      # a Hub id
-    if p.is_file(): raise FileNotFoundError(f"{p}: expected a model folder, got a file")
-    has = lambda pats: any(f for pat in pats for f in p.glob(pat))
-    if (p/"config.json").exists():
-        if not has(_WEIGHTS): raise FileNotFoundError(f"{p}: model folder has config.json but no weights (*.safetensors / *.bin)")
-        return dict(pretrained=str(p))
-    cfg = read_json(p/"adapter_config.json")
-    base = cfg.get("base_model_name_or_path")
-    if not base: raise ValueError(f"{p/'adapter_config.json'}: no base_model_name_or_path")
-    if not has(("adapter_model.*",)): raise FileNotFoundError(f"{p}: adapter folder has no adapter_model.safetensors/.bin")
-    return dict(pretrained=resolve_model(base), peft=str(p))
-
-# %% ../nbs/05_eval.ipynb #e33c60a3
-def _has_vllm() -> bool: return importlib_util.find_spec("vllm") is not None
-
-CPU_BATCH_SIZE = 16
-
-def effective_batch_size(batch_size, device:str=None, max_length:int=None):
-    """`batch_size`, except `auto` on CPU without `max_length`: lm-eval sizes generation batches with a forward pass at the
-    model's full context (8192 tokens x 64 rows), far too slow on CPU, so it becomes `CPU_BATCH_SIZE` there."""
-    if str(batch_size).startswith("auto") and (device or device_info()["device"]) == "cpu" and not max_length:
-        return CPU_BATCH_SIZE
-    return int(batch_size) if str(batch_size).isdigit() else batch_size
-
-def make_lm(ref, backend:str="hf", batch_size="auto", max_batch_size:int=64, device:str=None, dtype:str="auto",
-            max_length:int=None, gpu_memory_utilization:float=0.9, **kw):
-    "An lm-eval LM for `ref` (an lm-eval LM object is returned as is) with the `hf` or `vllm` backend."
-    from lm_eval.api.model import LM
-    if isinstance(ref, LM): return ref
-    args = model_args(ref)
-    if max_length: kw["max_length"] = max_length
-    if backend == "vllm":
-        if not _has_vllm(): raise ImportError("backend='vllm' needs the `vllm` package (GPU only): pip install vllm, or use backend='hf'")
-        if "peft" in args: raise ValueError(f"{ref}: vLLM evaluates merged models; pass the merged folder, not the adapter")
-        from lm_eval.models.vllm_causallms import VLLM
-        return VLLM(pretrained=args["pretrained"], dtype=dtype, batch_size=batch_size, max_batch_size=max_batch_size,
-                    gpu_memory_utilization=gpu_memory_utilization, **kw)
-    if backend != "hf": raise ValueError(f"backend: expected 'hf', 'vllm' or 'auto', got {backend!r}")
-    from lm_eval.models.huggingface import HFLM
-    device = device or device_info()["device"]
-    return HFLM(**args, device=device, dtype=dtype, batch_size=effective_batch_size(batch_size, device, max_length),
-                max_batch_size=max_batch_size, **kw)
-
-def free_lm(lm) -> None:
-    """Drop an lm-eval LM's model and give its GPU memory back: the HF model before vLLM starts (vLLM takes
-    `gpu_memory_utilization` of the whole GPU at start), and every model before the next one loads."""
-    import gc
-    llm = lm.__dict__.get("model") if hasattr(lm, "__dict__") else None
-    if llm is not None and hasattr(llm, "llm_engine"):           # vLLM: stop its engine (worker processes) first
-        for stop in (lambda: llm.llm_engine.engine_core.shutdown(), lambda: llm.llm_engine.shutdown()):
-            try: stop(); break
-            except Exception: pass
-    for a in ("_model", "model"):                                 # HFLM keeps `_model`, lm-eval's VLLM `model`
-        if a in getattr(lm, "__dict__", {}): setattr(lm, a, None)
-    del llm
-    gc.collect()
-    if importlib_util.find_spec("vllm") and importlib_util.find_spec("torch"):
-        try:
-            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-            destroy_model_parallel(); destroy_distributed_environment()
-        except Exception: pass
-    if "torch" in __import__("sys").modules:
-        import torch
-        if torch.cuda.is_available(): torch.cuda.empty_cache()
-
-# %% ../nbs/05_eval.ipynb #84114f29
-def run_lm_eval(lm, specs:list, tm=None, num_fewshot:int=None, limit=None, apply_chat_template:bool=False,
-                system_prompt:str=None, log_samples:bool=False, seed:int=42) -> dict:
-    "Evaluate `lm` on the task `specs` with `lm_eval.simple_evaluate`, grouped by few-shot count; one merged output dict."
-    import lm_eval
-    tm = tm or task_manager()
-    groups = {}
-    for s in specs: groups.setdefault(num_fewshot if num_fewshot is not None else s.get("num_fewshot"), []).append(s["task"])
-    out = {k: {} for k in ("results", "configs", "versions", "higher_is_better", "n-shot", "n-samples")}
-    runs = []
-    for k, tasks in groups.items():
-        r = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=k, limit=limit, task_manager=tm,
-                                    apply_chat_template=apply_chat_template, fewshot_as_multiturn=bool(apply_chat_template and k),
-                                    system_instruction=system_prompt, log_samples=log_samples, random_seed=seed,
-                                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, verbosity="ERROR")
-        if r is None: raise RuntimeError(f"lm-eval returned nothing for {tasks} (non-zero rank?)")
-        for key in list(out): out[key].update(r.get(key) or {})
-        if log_samples: out.setdefault("samples", {}).update(r.get("samples") or {})
-        runs.append(dict(tasks=tasks, num_fewshot=k, config=r.get("config"), lm_eval_version=r.get("lm_eval_version"),
-                         date=r.get("date")))
-    out["runs"] = runs
-    return out
-
-def extract_metrics(raw, specs:list=None, source:str="lm-eval output", stderr:bool=False) -> dict:
-    "`{task: {metric: value}}` from an lm-eval output dict (or its JSON file); the metrics named in `specs`, else all; their standard errors with `stderr`."
-    if isinstance(raw, (str, Path)):
-        p = Path(raw)
-        if not p.exists(): raise FileNotFoundError(f"{p}: no such lm-eval results file")
-        if not p.read_text(encoding="utf-8").strip(): raise ValueError(f"{p}: lm-eval results file is empty")
-        source, raw = str(p), read_json(p)
-    res = (raw or {}).get("results") if isinstance(raw, dict) else None
-    if not res: raise ValueError(f"{source}: no `results` in lm-eval output")
-    specs = specs or [_spec(t, []) for t in res]
-    out = {}
-    for s in specs:
-        t = s["task"]
-        if t not in res: raise ValueError(f"{source}: no results for task {t!r} (has: {', '.join(res)})")
-        r, mets = res[t], {}
-        names = s["metrics"] or [k.replace(",none", "") for k in r if "," in k and "_stderr" not in k]
-        for m in names:
-            key = m if "," in m else f"{m},none"
-            if key not in r: raise ValueError(f"{source}: task {t!r} has no metric {key!r} (has: {', '.join(k for k in r if ',' in k)})")
-            v = r[key]
-            if stderr: v = r.get(key.replace(",", "_stderr,", 1))
-            mets[m] = float(v) if isinstance(v, (int, float)) else float("nan")
-        out[t] = mets
-    return out
-
-# %% ../nbs/05_eval.ipynb #3755245f
-PAPER_TABLES = {"en": "table1_en.csv", "it": "table2_it.csv"}
-LEADERBOARD_TABLES = {"it": "leaderboard_it.csv"}
-ANITA_MODEL = "LLaMAntino-3-ANITA-8B-Inst-DPO-ITA"
-PAPER_TASKS = {"truthfulqa": "truthfulqa_mc2", "arc_challenge_it": "arc_it", "mmlu_it": "m_mmlu_it", "Average": "average"}
-PAPER_METRICS = {"strict-match": "exact_match,strict-match", "flexible-extract": "exact_match,flexible-extract"}
-_PAPER_COLS = ["lang", "table", "task", "metric", "paper_task", "paper_metric", "model", "model_id", "value", "source"]
-
-def lm_eval_name(task:str, metric:str="") -> tuple:
-    "The lm-eval `(task, metric)` of a task and metric as the paper prints them (`Average` -> `('average', 'printed')`)."
-    t = PAPER_TASKS.get(task, task)
-    return t, ("printed" if t == "average" and not metric else PAPER_METRICS.get(metric, metric))
-
-def paper_table(lang:str=None, leaderboard:bool=True):
-    "The paper's Table 1 (`en`) and/or Table 2 (`it`), every cell, long: lang, table, task, metric, paper names, model, value, source."
-    import pandas as pd
-    d = Path(evaltasks_dir()).parent/"paper"
-    langs = [lang] if lang else list(PAPER_TABLES)
-    frames = []
-    for l in langs:
-        if l not in PAPER_TABLES: raise ValueError(f"lang: expected one of {list(PAPER_TABLES)}, got {l!r}")
-        for f in [d/PAPER_TABLES[l]] + ([d/LEADERBOARD_TABLES[l]] if leaderboard and l in LEADERBOARD_TABLES else []):
-            if not f.exists(): raise FileNotFoundError(f"{f}: paper table missing from the package")
-            df = pd.read_csv(f, dtype={"value": float, "paper_metric": str}, keep_default_na=False, na_values={"value": [""]})
-            missing = set(_PAPER_COLS) - set(df.columns)
-            if missing: raise ValueError(f"{f}: missing columns {sorted(missing)}")
-            bad = df[df.value.isna() | (df.source.str.strip() == "")]
-            if len(bad): raise ValueError(f"{f}, row {bad.index[0] + 2}: a cell without a value or a source")
-            for r in df.itertuples():
-                if lm_eval_name(r.paper_task, r.paper_metric) != (r.task, r.metric):
-                    raise ValueError(f"{f}, row {r.Index + 2}: {r.paper_task}/{r.paper_metric} maps to {lm_eval_name(r.paper_task, r.paper_metric)}, "
-                                     f"not {r.task}/{r.metric}")
-            frames.append(df)
-    return pd.concat(frames, ignore_index=True)[_PAPER_COLS]
-
-def paper_averages(paper=None):
-    "Per table and model: the printed average, the mean recomputed from its cells, and how many cells that mean has."
-    import pandas as pd
-    paper = paper_table() if paper is None else paper
-    rows = []
-    for (lang, table, model), g in paper.groupby(["lang", "table", "model"], sort=False):
-        cells, printed = g[g.task != "average"].value, g[g.task == "average"].value
-        rows.append(dict(lang=lang, table=table, model=model, printed=printed.item() if len(printed) else float("nan"),
-                         recomputed=cells.mean(), n_cells=len(cells)))
-    return pd.DataFrame(rows)
-
-# %% ../nbs/05_eval.ipynb #33dd4e1a
-def _label(task, metric): return f"{task} ({metric})"
-def _ref_col(table, model) -> str: return f"{'paper' if str(table).startswith('paper') else 'leaderboard'}: {model}"
-def _is_ref(c) -> bool: return str(c).startswith(("paper: ", "leaderboard: "))
-
-def comparison_table(results:dict, paper=None):
-    "Wide DataFrame: rows task/metric (and printed/recomputed averages); columns the run's models, `paper: <model>`, `leaderboard: <model>`, `Δ <model>` (run − paper ANITA)."
-    import pandas as pd
-    paper = paper_table() if paper is None else paper
-    models = results.get("models") or {}
-    if not models: raise ValueError("results: no models")
-    rows = {}
-    for name, m in models.items():
-        for t, mets in (m.get("metrics") or {}).items():
-            for k, v in mets.items(): rows.setdefault((t, k), {})[name] = v
-    for r in paper.itertuples():
-        key = ("average", f"printed {r.lang}") if r.task == "average" else (r.task, r.metric)
-        rows.setdefault(key, {})[_ref_col(r.table, r.model)] = r.value
-    cells = paper[paper.task != "average"]
-    for (lang, table, model), g in cells.groupby(["lang", "table", "model"], sort=False):
-        rows.setdefault(("average", f"recomputed {lang}"), {})[_ref_col(table, model)] = g.value.mean()
-    # the run's average per paper table, when it has every cell that table reports
-    for lang, g in cells[cells.table.str.startswith("paper")].groupby("lang"):
-        keys = list(dict.fromkeys(zip(g.task, g.metric)))
-        for name in models:
-            vals = [rows.get(c, {}).get(name) for c in keys]
-            if all(v is not None for v in vals): rows.setdefault(("average", f"recomputed {lang}"), {})[name] = sum(vals)/len(vals)
-    avg = sorted((k for k in rows if k[0] == "average"), key=lambda k: (k[1].split()[-1] != "en", k[1].split()[-1], k[1]))
-    rows = {k: rows[k] for k in [k for k in rows if k[0] != "average"] + avg}   # averages last: printed and recomputed side by side
-    df = pd.DataFrame.from_dict(rows, orient="index")
-    df.index = pd.MultiIndex.from_tuples(df.index, names=["task", "metric"])
-    refs = list(dict.fromkeys(_ref_col(t, m) for t, m in zip(paper.table, paper.model)))   # Table 1, Table 2, then leaderboard
-    df = df[list(models) + [c for c in refs if c in df.columns]]
-    ref = f"paper: {ANITA_MODEL}"
-    if ref in df:
-        for name in models:
-            d = df[name] - df[ref]
-            if d.notna().any(): df[f"Δ {name}"] = d
-    return df
-
-def to_markdown(df, digits:int=4) -> str:
-    "A pipe table of a (MultiIndex) DataFrame; empty cells for missing values."
-    idx = list(df.index.names) if any(df.index.names) else ["row"]
-    head = idx + [str(c) for c in df.columns]
-    fmt = lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"]*len(idx) + ["---:"]*len(df.columns)) + "|"]
-    for i, row in zip(df.index, df.itertuples(index=False)):
-        keys = list(i) if isinstance(i, tuple) else [i]
-        lines.append("| " + " | ".join([str(k) for k in keys] + [fmt(v) for v in row]) + " |")
-    return "\n".join(lines) + "\n"
-
-# %% ../nbs/05_eval.ipynb #a1f6401b
-def bar_chart(df, path, title:str="anita evaluation", max_rows:int=24):
-    "Save a grouped bar chart of the run's columns of `df` and the paper's ANITA (rows with at least one run value) to `path` (PNG)."
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt, numpy as np
-    ref = f"paper: {ANITA_MODEL}"   # of the reference columns, only the paper's ANITA: the rest is in the table
-    own = [c for c in df.columns if not str(c).startswith("Δ ") and not _is_ref(c)]
-    cols = own + ([ref] if ref in df.columns else [])
-    sub = df[cols][df[own].notna().any(axis=1)] if own else df[cols]
-    sub = sub.loc[:, sub.notna().any(axis=0)].head(max_rows)
-    if sub.empty: raise ValueError(f"{path}: nothing to plot (no scores)")
-    fig, ax = plt.subplots(figsize=(min(2 + 0.9*len(sub), 12), 3.6), dpi=90)
-    x, w = np.arange(len(sub)), 0.8/len(sub.columns)
-    for j, c in enumerate(sub.columns):
-        ax.bar(x + j*w - 0.4 + w/2, sub[c].fillna(0).values, w, label=str(c).replace("paper: ", "paper "))
-    ax.set_xticks(x, [f"{t}\n{m}".replace(",", "\n") for t, m in sub.index], fontsize=7)
-    ax.set_ylim(0, 1); ax.set_ylabel("score"); ax.set_title(title, fontsize=9); ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f: fig.savefig(f, format="png")
-    plt.close(fig)
-    return Path(path)
+__all__ = ['SAMPLE_PROMPTS', 'IT_NOUNS', 'IT_ADJS', 'EN_NOUNS', 'EN_VERBS', 'generate_samples', 'number_word', 'minimal_pairs',
+           'evaluate', 'results_rows', 'write_outputs', 'run_eval', 'biased_lm', 'gold_fraction']
 
 # %% ../nbs/05_eval.ipynb #0a999eb1
 SAMPLE_PROMPTS = (("it", "Chi era Dante Alighieri? Rispondi in due frasi."),
@@ -358,7 +25,8 @@ SAMPLE_PROMPTS = (("it", "Chi era Dante Alighieri? Rispondi in due frasi."),
 
 def _chat(tok, system, user):
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    if getattr(tok, "chat_template", None): return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if getattr(tok, "chat_template", None): return tok.apply_chat_template(msgs, tokenize=False,
+                                                                           add_generation_prompt=True)
     return (f"{system}\n\n" if system else "") + f"{user}\n"
 
 def generate_samples(lm, prompts=SAMPLE_PROMPTS, system_prompt:str=ANITA_SYSTEM_PROMPT, max_new_tokens:int=32) -> list:
@@ -377,7 +45,8 @@ def generate_samples(lm, prompts=SAMPLE_PROMPTS, system_prompt:str=ANITA_SYSTEM_
         enc = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
         with torch.no_grad():
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        out.append(dict(lang=lang, prompt=p, response=tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()))
+        out.append(dict(lang=lang, prompt=p,
+                        response=tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()))
     return out
 
 # %% ../nbs/05_eval.ipynb #31c63da2
@@ -398,15 +67,21 @@ def number_word(n:int, lang:str="it") -> str:
     if u in (1, 8): t = t[:-1]                      # ventuno, trentotto
     return t + ("" if not u else "tré" if u == 3 else _IT_UNITS[u])
 
+# %% ../nbs/05_eval.ipynb #7bd55e75
 # the tables: nouns (singular, plural, gender) and adjectives (m sg, f sg, m pl, f pl); consonant-initial nouns take il/i, la/le
 IT_NOUNS = [("gatto", "gatti", "m"), ("libro", "libri", "m"), ("ragazzo", "ragazzi", "m"), ("tavolo", "tavoli", "m"),
-            ("treno", "treni", "m"), ("bambino", "bambini", "m"), ("vestito", "vestiti", "m"), ("giardino", "giardini", "m"),
+            ("treno", "treni", "m"), ("bambino", "bambini", "m"), ("vestito", "vestiti", "m"),
+            ("giardino", "giardini", "m"),
             ("casa", "case", "f"), ("strada", "strade", "f"), ("finestra", "finestre", "f"), ("mela", "mele", "f"),
             ("porta", "porte", "f"), ("sedia", "sedie", "f"), ("macchina", "macchine", "f"), ("camera", "camere", "f")]
-IT_ADJS = [("rosso", "rossa", "rossi", "rosse"), ("nuovo", "nuova", "nuovi", "nuove"), ("piccolo", "piccola", "piccoli", "piccole"),
-           ("vecchio", "vecchia", "vecchi", "vecchie"), ("bianco", "bianca", "bianchi", "bianche"), ("pulito", "pulita", "puliti", "pulite")]
-EN_NOUNS = [("dog", "dogs"), ("cat", "cats"), ("teacher", "teachers"), ("child", "children"), ("woman", "women"), ("man", "men"),
-            ("student", "students"), ("bird", "birds"), ("doctor", "doctors"), ("farmer", "farmers"), ("girl", "girls"), ("boy", "boys")]
+IT_ADJS = [("rosso", "rossa", "rossi", "rosse"), ("nuovo", "nuova", "nuovi", "nuove"),
+           ("piccolo", "piccola", "piccoli", "piccole"),
+           ("vecchio", "vecchia", "vecchi", "vecchie"), ("bianco", "bianca", "bianchi", "bianche"),
+           ("pulito", "pulita", "puliti", "pulite")]
+EN_NOUNS = [("dog", "dogs"), ("cat", "cats"), ("teacher", "teachers"), ("child", "children"), ("woman", "women"),
+            ("man", "men"),
+            ("student", "students"), ("bird", "birds"), ("doctor", "doctors"), ("farmer", "farmers"),
+            ("girl", "girls"), ("boy", "boys")]
 EN_VERBS = [("sleeps", "sleep", "in the afternoon"), ("runs", "run", "every morning"), ("sings", "sing", "very well"),
             ("works", "work", "near the station"), ("reads", "read", "before dinner"), ("walks", "walk", "to school"),
             ("eats", "eat", "at noon"), ("waits", "wait", "outside")]
@@ -450,255 +125,89 @@ def minimal_pairs(lang:str="it", n_numbers:int=100, seed:int=0) -> list:
     say = "Il numero {} si scrive {}." if lang == "it" else "The number {} is written {}."
     for n in rng.sample(range(100), n_numbers):
         m = n + rng.choice([-1, 1]) if 0 < n < 99 else (1 if n == 0 else 98)
-        rows.append(dict(kind="number word", good=say.format(n, number_word(n, lang)), bad=say.format(n, number_word(m, lang))))
+        rows.append(dict(kind="number word", good=say.format(n, number_word(n, lang)),
+                         bad=say.format(n, number_word(m, lang))))
     return rows
 
-# %% ../nbs/05_eval.ipynb #07eeaac2
-STEP_ORDER = ("base", "sft", "dpo", "ita")
-_STEP_DIRS = {"02_sft": 1, "03_dpo": 2, "04_ita": 3}
+# %% ../nbs/05_eval.ipynb #a0ca5e1a
+def _check_options(backend:str, gpu_memory_utilization:float):
+    "Clear errors for a wrong `backend` or `gpu_memory_utilization`."
+    if backend not in ("hf", "vllm", "auto"):
+        raise ValueError(f"backend: expected 'hf', 'vllm' or 'auto', got {backend!r}")
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization: expected a share in (0, 1], got {gpu_memory_utilization!r}")
 
-def step_rank(name:str, ref:str="") -> float:
-    "Recipe position of a model (0 base, 1 SFT, 2 DPO, 3 Italian adaptation), from its path or name; unknown = 10 (last)."
-    for part in reversed(Path(str(ref)).parts):
-        if part in _STEP_DIRS: return _STEP_DIRS[part]
-    toks = re.split(r"[^a-z0-9]+", str(name).lower())
-    hits = [i for i, s in enumerate(STEP_ORDER) if s in toks]
-    if hits: return max(hits)
-    return 0 if any(t in toks for t in ("embedded", "instruct", "smollm2", "llama3")) else 10
+def _route(backend:str, specs:list, heldout:bool=False) -> list:
+    "`[(backend, specs)]` for one model: with `auto` and vLLM installed, generation tasks on vLLM, the rest on `hf`."
+    if backend == "auto" and _has_vllm():
+        route = [("hf", [s for s in specs if not s.get("generate")]), ("vllm", [s for s in specs if s.get("generate")])]
+    else: route = [("hf" if backend == "auto" else backend, specs)]
+    route = [(b, sp) for b, sp in route if sp]
+    if heldout and not any(b == "hf" for b, _ in route): route = [("hf",
+                                                                   [])] + route   # held-out figures need the HF model
+    return route
 
-def _load_results(x, root="runs") -> tuple:
-    p = Path(x)
-    if not p.exists() and not p.suffix: p = Path(root)/str(x)/"05_eval"
-    if p.is_dir(): p = p/"05_eval"/"results.json" if (p/"05_eval").is_dir() else p/"results.json"
-    if not p.exists(): raise FileNotFoundError(f"{p}: no evaluation results")
-    if not p.read_text(encoding="utf-8").strip(): raise ValueError(f"{p}: results file is empty")
-    r = read_json(p)
-    if not isinstance(r, dict) or not r.get("models"): raise ValueError(f"{p}: no `models` in results file")
-    return p, r
+def _merge_raw(raw:dict, r:dict) -> dict:
+    "Add one lm-eval output `r` to `raw`: dicts are merged, lists extended."
+    for k, v in r.items():
+        if isinstance(v, dict): raw.setdefault(k, {}).update(v)
+        else: raw.setdefault(k, []).extend(v)
+    return raw
 
-def compare(runs, root="runs", out_dir=None, paper:bool=True):
-    "One table (and `compare.md/.csv/.png` in `out_dir`) of several runs' results, columns ordered by recipe step."
-    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
-    if not runs: raise ValueError("compare: no runs given")
-    loaded = [_load_results(x, root) for x in runs]
-    cols = {}   # label -> (rank, order, merged model entry); shards of one run (other tasks, same model) merge
-    for p, r in loaded:
-        for name, m in r["models"].items():
-            label = name
-            if label in cols and any(t in cols[label][2]["metrics"] for t in m.get("metrics", {})):
-                label = f"{p.parent.parent.name}:{name}"
-                while label in cols: label += "'"
-            if label in cols: cols[label][2]["metrics"].update(m.get("metrics", {}))
-            else: cols[label] = (step_rank(name, m.get("model", "")), len(cols), dict(m, metrics=dict(m.get("metrics", {}))))
-    cols = sorted(((v[0], v[1], k, v[2]) for k, v in cols.items()), key=lambda c: (c[0], c[1]))
-    df = comparison_table(dict(models={c[2]: c[3] for c in cols}), paper_table() if paper else paper_table().iloc[:0])
-    df = df[[c for c in df.columns if not str(c).startswith("Δ ")]]
-    if out_dir:
-        out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-        with atomic_write(out/"compare.md") as f: f.write("# Comparison across steps\n\n" + to_markdown(df))
-        with atomic_write(out/"compare.csv") as f: df.to_csv(f)
-        bar_chart(df, out/"compare.png", title="anita: base vs SFT vs DPO vs ITA")
-    return df
-
-# %% ../nbs/05_eval.ipynb #c9cd3c90
-HELDOUT_KINDS = ("sft", "dpo", "ita", "en")
-
-def load_heldout(path) -> dict:
-    "The data step's held-out datasets (`sft`, `dpo`, `ita`, `en`) under `path` (its `heldout/` folder); a dict of datasets passes through."
-    if isinstance(path, dict): return path
-    from datasets import load_from_disk
-    p = Path(path)
-    if not p.is_dir(): raise FileNotFoundError(f"heldout: {p} is not a folder (the data step writes 01_data/heldout with n_heldout_* > 0)")
-    out = {k: load_from_disk(str(p/k)) for k in HELDOUT_KINDS if (p/k).is_dir()}
-    if not out: raise FileNotFoundError(f"heldout: {p} has none of {', '.join(HELDOUT_KINDS)}")
-    return out
-
-def row_nll(model, tok, ds, max_length:int=1024, batch_size:int=8) -> list:
-    """Per row `(summed negative log-likelihood, tokens)` of the trained tokens of `ds`, tokenized as the training steps do
-    (`anita.sft.tokenize_lm`: `prompt`+`completion` rows score the completion only, `text` rows every token)."""
-    import torch
-    from anita.sft import tokenize_lm
-    tds, _ = tokenize_lm(ds, tok, max_length)
-    rows = list(zip(tds["input_ids"], tds["labels"]))
-    dev, pad, out = next(model.parameters()).device, tok.pad_token_id if tok.pad_token_id is not None else 0, []
-    was_training = model.training; model.eval()
-    for i in range(0, len(rows), batch_size):
-        b = rows[i:i+batch_size]
-        L = max(len(x) for x, _ in b)
-        ids = torch.tensor([x + [pad]*(L - len(x)) for x, _ in b], device=dev)
-        lab = torch.tensor([y + [-100]*(L - len(y)) for _, y in b], device=dev)
-        att = torch.tensor([[1]*len(x) + [0]*(L - len(x)) for x, _ in b], device=dev)
-        with torch.no_grad(): logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
-        tgt = lab[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt.clamp(min=0), reduction="none") * (tgt != -100)
-        out += [(float(s), int(n)) for s, n in zip(nll.sum(1), (tgt != -100).sum(1))]
-    model.train(was_training)
-    return out
-
-def mean_se(xs) -> tuple:
-    "Mean and its standard error (sample standard deviation / sqrt(n)) of a list of numbers."
-    n = len(xs)
-    if not n: return float("nan"), float("nan")
-    m = sum(xs)/n
-    return m, (math.sqrt(sum((x - m)**2 for x in xs)/(n - 1)/n) if n > 1 else float("nan"))
-
-def ratio_se(sums, counts) -> tuple:
-    "`sum(sums)/sum(counts)` and its standard error over rows (ratio estimator): a token-weighted mean loss, or a paired difference of two."
-    S, N, k = sum(sums), sum(counts), len(sums)
-    r = S/N
-    return r, (math.sqrt(k/(k - 1)*sum((s - r*n)**2 for s, n in zip(sums, counts)))/N if k > 1 else float("nan"))
-
-def loss_figure(nll:list) -> dict:
-    "Token-weighted mean loss of `row_nll` output with its standard error, perplexity, rows, tokens and the per-row sums (`nll`)."
-    loss, se = ratio_se([s for s, _ in nll], [n for _, n in nll])
-    return dict(loss=loss, loss_se=se, ppl=math.exp(loss), rows=len(nll), tokens=sum(n for _, n in nll), nll=[list(x) for x in nll])
-
-def preference_figure(chosen_nll:list, rejected_nll:list) -> dict:
-    "Preference accuracy (log p(chosen) > log p(rejected)) and mean log-prob margin over pairs, each with its standard error; per-pair `margins` kept."
-    m = [r - c for (c, _), (r, _) in zip(chosen_nll, rejected_nll)]    # log p(chosen) - log p(rejected) = nll(rejected) - nll(chosen)
-    acc, acc_se = mean_se([float(x > 0) for x in m])
-    mm, mm_se = mean_se(m)
-    return dict(pref_acc=acc, pref_acc_se=acc_se, margin=mm, margin_se=mm_se, rows=len(m), margins=m)
-
-def heldout_model_figures(model, tok, heldout:dict, max_length:int=1024, batch_size:int=8) -> dict:
-    "The held-out figures of one model: `{kind: figure}` for each held-out dataset (`sft`, `dpo`: pairs, `ita`, `en`)."
-    from datasets import Dataset
-    ensure_pad_token(tok)
-    out = {}
-    for k, ds in heldout.items():
-        if k == "dpo":
-            side = lambda col: row_nll(model, tok, Dataset.from_dict(dict(prompt=list(ds["prompt"]), completion=list(ds[col]))), max_length, batch_size)
-            out[k] = preference_figure(side("chosen"), side("rejected"))
-        else: out[k] = loss_figure(row_nll(model, tok, ds, max_length, batch_size))
-    return out
-
-# %% ../nbs/05_eval.ipynb #4f051d09
-# (figure, label, held-out kind, field, the step it measures, better: -1 lower / +1 higher / 0 none)
-HELDOUT_FIGURES = [
-    ("sft_loss", "SFT: answer loss, Alpaca template (held-out SFT rows)", "sft", "loss", "sft", -1),
-    ("dpo_acc", "DPO: preference accuracy (held-out pairs)", "dpo", "pref_acc", "dpo", +1),
-    ("dpo_margin", "DPO: mean log-prob margin chosen − rejected (nats)", "dpo", "margin", "dpo", +1),
-    ("ita_loss", "ITA: Italian loss (held-out mC4-it paragraphs)", "ita", "loss", "ita", -1),
-    ("en_loss", "ITA cost: English loss (English paragraphs)", "en", "loss", "ita", 0),
-    ("pairs_it", "Italian minimal pairs, accuracy (anita_pairs_it)", "anita_pairs_it", "acc", None, 0),
-    ("pairs_en", "English minimal pairs, accuracy (anita_pairs_en)", "anita_pairs_en", "acc", None, 0)]
-
-def _stages(res) -> list:
-    ms = res["models"]
-    return sorted(ms, key=lambda n: (step_rank(n, ms[n].get("model", "")), list(ms).index(n)))
-
-def _value(m, kind, field):
-    "(value, se) of one figure of one model entry, or None."
-    if kind.startswith("anita_"):
-        v = (m.get("metrics") or {}).get(kind, {}).get(field)
-        return None if v is None else (v, (m.get("stderr") or {}).get(kind, {}).get(field, float("nan")))
-    f = (m.get("heldout") or {}).get(kind)
-    return None if f is None or field not in f else (f[field], f.get(f"{field}_se", float("nan")))
-
-def _paired(a, b, kind, field) -> tuple:
-    "Change b − a of one held-out figure on the same rows, with its paired standard error."
-    fa, fb = a["heldout"][kind], b["heldout"][kind]
-    if field == "loss":
-        if [n for _, n in fa["nll"]] != [n for _, n in fb["nll"]]: raise ValueError(f"{kind}: models scored different tokens")
-        return ratio_se([y[0] - x[0] for x, y in zip(fa["nll"], fb["nll"])], [x[1] for x in fa["nll"]])
-    if field == "margin": return mean_se([y - x for x, y in zip(fa["margins"], fb["margins"])])
-    return mean_se([float(y > 0) - float(x > 0) for x, y in zip(fa["margins"], fb["margins"])])
-
-def step_effects(res) -> dict:
-    "`{step: {figure: dict(delta, se, better, ok)}}`: each step's change of its own held-out figures against the model before it."
-    names, out = _stages(res), {}
-    for fig, _, kind, field, step, better in HELDOUT_FIGURES:
-        if step is None or step not in names: continue
-        i = names.index(step)
-        if not i: continue
-        a, b = res["models"][names[i-1]], res["models"][step]
-        if _value(a, kind, field) is None or _value(b, kind, field) is None: continue
-        d, se = _paired(a, b, kind, field)
-        out.setdefault(step, {})[fig] = dict(vs=names[i-1], delta=d, se=se, better=better,
-                                             ok=bool(better and d*better > 0 and abs(d) > 2*se) if better else None)
-    return out
-
-def heldout_table(res, digits:int=3) -> str:
-    "The held-out figures of all models in recipe order, each step's change with its paired standard error, as markdown."
-    names, eff = _stages(res), step_effects(res)
-    fmt = lambda v, se: f"{v:.{digits}f} ± {se:.{digits}f}" if se == se else f"{v:.{digits}f}"
-    L = ["| figure | n | " + " | ".join(names) + " | step's change |", "|---|---:|" + "---:|"*len(names) + "---|"]
-    for fig, label, kind, field, step, better in HELDOUT_FIGURES:
-        vals = [_value(res["models"][n], kind, field) for n in names]
-        if all(v is None for v in vals): continue
-        m0 = next(res["models"][n] for n, v in zip(names, vals) if v is not None)
-        n = (m0.get("heldout") or {}).get(kind, {}).get("rows") or (m0.get("n_docs") or {}).get(kind, "")
-        cells = []
-        for v in vals:
-            if v is None: cells.append(""); continue
-            c = fmt(*v)
-            if field == "loss": c += f" (ppl {math.exp(v[0]):.2f})"
-            cells.append(c)
-        e = eff.get(step, {}).get(fig)
-        ch = (f"{step} − {e['vs']}: {e['delta']:+.{digits}f} ± {e['se']:.{digits}f}" + (" ✓" if e["ok"] else " ✗" if e["ok"] is False else "")) if e else ""
-        L.append(f"| {label} | {n} | " + " | ".join(cells) + f" | {ch} |")
-    return "\n".join(L) + "\n"
-
-def heldout_report_lines(rd) -> list:
-    "The opening lines of a run report: the evaluation step's held-out table (`05_eval/heldout.md`), or nothing when there is none."
-    p = Path(rd)/"05_eval"/"heldout.md"
-    if not p.exists(): return []
-    return [p.read_text(encoding="utf-8").strip(), ""]
+def _model_entry(name, ref, route, specs, raw, elapsed, eval_s, gens, figs) -> dict:
+    "One model's entry of the results: metrics and standard errors, counts, timings, samples, held-out figures, raw output."
+    n_docs = {t: (v.get("effective") if isinstance(v, dict) else v) for t, v in raw.get("n-samples", {}).items()}
+    src = f"lm-eval output of {name!r}"
+    return dict(model=ref if isinstance(ref, str) else type(ref).__name__,
+                model_args=model_args(ref) if isinstance(ref, str) else None, backend=[b for b, sp in route if sp],
+                metrics=extract_metrics(raw, specs, src), stderr=extract_metrics(raw, specs, src, stderr=True),
+                n_shot=raw.get("n-shot", {}), n_docs=n_docs, elapsed_s=round(elapsed, 2), eval_s=round(eval_s, 2),
+                docs_per_s=round(sum(v or 0 for v in n_docs.values())/max(eval_s, 1e-9), 3),
+                generations=gens, heldout=figs, raw=raw)
 
 # %% ../nbs/05_eval.ipynb #db578db4
 def evaluate(models={"embedded": "embedded"}, suite="local", num_fewshot:int=None, limit=None, batch_size="auto",
              max_batch_size:int=64, backend:str="hf", device:str=None, dtype:str="auto", apply_chat_template:bool=False,
              system_prompt:str=None, gen_max_new_tokens:int=32, gen_system_prompt:str=ANITA_SYSTEM_PROMPT,
              log_samples:bool=False, seed:int=42, max_length:int=None, root="runs", run="nbtest", include=None,
-             gpu_memory_utilization:float=0.9, heldout=None, heldout_batch_size:int=8, heldout_max_length:int=1024) -> dict:
+             gpu_memory_utilization:float=0.9, heldout=None, heldout_batch_size:int=8,
+             heldout_max_length:int=1024) -> dict:
     """Evaluate each model on the suite (and on the `heldout` rows); returns `{params, suite, models: {name: {...}}}` with
     lm-eval's raw outputs under `raw`. One model at a time, freed before the next backend or model loads."""
     seed_everything(seed)
     inc = include_paths(include)
     models, tm = parse_models(models, root, run), task_manager(True, inc)
     specs = resolve_suite(suite, tm)
-    if backend not in ("hf", "vllm", "auto"): raise ValueError(f"backend: expected 'hf', 'vllm' or 'auto', got {backend!r}")
-    if not 0 < gpu_memory_utilization <= 1: raise ValueError(f"gpu_memory_utilization: expected a share in (0, 1], got {gpu_memory_utilization!r}")
+    _check_options(backend, gpu_memory_utilization)
     held = load_heldout(heldout) if heldout else {}
-    params = dict(suite=suite, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, max_batch_size=max_batch_size,
+    params = dict(suite=suite, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+                  max_batch_size=max_batch_size,
                   batch_size_effective=effective_batch_size(batch_size, device, max_length), max_length=max_length,
                   backend=backend, dtype=dtype, apply_chat_template=apply_chat_template, system_prompt=system_prompt,
-                  gen_max_new_tokens=gen_max_new_tokens, gen_system_prompt=gen_system_prompt, seed=seed, include=list(inc),
+                  gen_max_new_tokens=gen_max_new_tokens, gen_system_prompt=gen_system_prompt, seed=seed,
+                  include=list(inc),
                   gpu_memory_utilization=gpu_memory_utilization, heldout=str(heldout) if heldout else None)
     res = dict(params=params, suite=specs, models={})
     for name, ref in models.items():
-        t0 = time.time()
-        if backend == "auto" and _has_vllm():
-            route = [("hf", [s for s in specs if not s.get("generate")]), ("vllm", [s for s in specs if s.get("generate")])]
-        else: route = [("hf" if backend == "auto" else backend, specs)]
-        route = [(b, sp) for b, sp in route if sp]
-        if held and not any(b == "hf" for b, _ in route): route = [("hf", [])] + route   # held-out figures need the HF model
+        t0, route = time.time(), _route(backend, specs, bool(held))
         raw, eval_s, gens, figs = {}, 0.0, [], None
         for j, (be, sp) in enumerate(route):
-            lm = make_lm(ref, be, batch_size, max_batch_size, device, dtype, max_length, gpu_memory_utilization=gpu_memory_utilization)
+            lm = make_lm(ref, be, batch_size, max_batch_size, device, dtype, max_length,
+                         gpu_memory_utilization=gpu_memory_utilization)
             try:
                 if sp:
                     t1 = time.time()
-                    r = run_lm_eval(lm, sp, tm, num_fewshot, limit, apply_chat_template, system_prompt, log_samples, seed)
+                    _merge_raw(raw, run_lm_eval(lm, sp, tm, num_fewshot, limit, apply_chat_template, system_prompt,
+                                                log_samples, seed))
                     eval_s += time.time() - t1
-                    for k, v in r.items():
-                        if isinstance(v, dict): raw.setdefault(k, {}).update(v)
-                        else: raw.setdefault(k, []).extend(v)
-                if held and be == "hf": figs = heldout_model_figures(lm.model, lm.tokenizer, held, heldout_max_length, heldout_batch_size)
+                if held and be == "hf":
+                    figs = heldout_model_figures(lm.model, lm.tokenizer, held, heldout_max_length, heldout_batch_size)
                 if j == len(route) - 1 and gen_max_new_tokens:
                     gens = generate_samples(lm, system_prompt=gen_system_prompt, max_new_tokens=gen_max_new_tokens)
             finally:
                 if isinstance(ref, str): free_lm(lm)    # ours: before vLLM starts, and before the next model
                 del lm
-        elapsed = time.time() - t0
-        n_docs = {t: (v.get("effective") if isinstance(v, dict) else v) for t, v in raw.get("n-samples", {}).items()}
-        res["models"][name] = dict(model=ref if isinstance(ref, str) else type(ref).__name__,
-                                   model_args=model_args(ref) if isinstance(ref, str) else None, backend=[b for b, sp in route if sp],
-                                   metrics=extract_metrics(raw, specs, f"lm-eval output of {name!r}"),
-                                   stderr=extract_metrics(raw, specs, f"lm-eval output of {name!r}", stderr=True),
-                                   n_shot=raw.get("n-shot", {}), n_docs=n_docs, elapsed_s=round(elapsed, 2), eval_s=round(eval_s, 2),
-                                   docs_per_s=round(sum(v or 0 for v in n_docs.values())/max(eval_s, 1e-9), 3),
-                                   generations=gens, heldout=figs, raw=raw)
+        res["models"][name] = _model_entry(name, ref, route, specs, raw, time.time() - t0, eval_s, gens, figs)
     return res
 
 # %% ../nbs/05_eval.ipynb #fd0023ca
@@ -707,10 +216,35 @@ def results_rows(results:dict) -> list:
     return [dict(model=n, task=t, metric=k, value=v) for n, m in results["models"].items()
             for t, mets in m["metrics"].items() for k, v in mets.items()]
 
+# %% ../nbs/05_eval.ipynb #a67e8076
+def _table_head(p:dict) -> str:
+    "The top of `table.md`: the run's settings and how to read the columns."
+    shots = p['num_fewshot'] if p['num_fewshot'] is not None else 'task default'
+    return (f"# Evaluation: suite `{p['suite']}`\n\nfew-shot: {shots}, limit: {p['limit']}, batch size: {p['batch_size']}, "
+            f"backend: {p['backend']}, chat template: {p['apply_chat_template']}, system prompt: {p['system_prompt']!r}.\n"
+            "`paper:` columns: Polignano et al. 2024, Tables 1 (EN) and 2 (IT); `leaderboard:` = Open Ita LLM Leaderboard, "
+            "not in the paper (see anita/paper/README.md). Averages: `printed` = the paper's, `recomputed` = the mean of "
+            "the column's cells of that table. Δ = this run − paper ANITA.\n\n")
+
+_HELDOUT_HEAD = ("## Held-out figures: what each step changed\n\nOn rows no step trained on (the data step's `heldout/`), "
+                 "mean ± standard error over rows; step's change = this step's model − the one before it, on the same "
+                 "rows, ± the paired standard error; ✓ = the intended direction and more than twice that error. Loss = "
+                 "mean negative log-likelihood per token (nats).\n\n")
+
+def _write_heldout(results:dict, out:Path) -> list:
+    "`heldout.json` and `heldout.md` when the models have held-out figures; returns their paths."
+    if not any(m.get("heldout") for m in results["models"].values()): return []
+    js = write_json(out/"heldout.json", dict(models={n: m.get("heldout") for n, m in results["models"].items()},
+                                             effects=step_effects(results)))
+    with atomic_write(out/"heldout.md") as f: f.write(_HELDOUT_HEAD + heldout_table(results))
+    return [js, out/"heldout.md"]
+
+# %% ../nbs/05_eval.ipynb #bd7af67a
 def write_outputs(results:dict, out_dir) -> list:
     "Write results.json/.csv, table.md, chart.png, generations.json, report.json and lm_eval/<name>.json; returns the paths."
     from lm_eval.utils import handle_non_serializable
-    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, m in results["models"].items():
         raw = {k: v for k, v in (m.get("raw") or {}).items() if k != "samples"}
@@ -720,40 +254,33 @@ def write_outputs(results:dict, out_dir) -> list:
     slim = dict(results, models={n: {k: v for k, v in m.items() if k != "raw"} for n, m in results["models"].items()})
     paths.append(write_json(out/"results.json", slim))
     with atomic_write(out/"results.csv") as f:
-        w = csv.DictWriter(f, fieldnames=["model", "task", "metric", "value"]); w.writeheader(); w.writerows(results_rows(results))
+        w = csv.DictWriter(f, fieldnames=["model", "task", "metric", "value"])
+        w.writeheader()
+        w.writerows(results_rows(results))
     paths.append(out/"results.csv")
     df = comparison_table(results)
     p = results["params"]
-    head = (f"# Evaluation: suite `{p['suite']}`\n\nfew-shot: {p['num_fewshot'] if p['num_fewshot'] is not None else 'task default'}, "
-            f"limit: {p['limit']}, batch size: {p['batch_size']}, backend: {p['backend']}, chat template: {p['apply_chat_template']}, "
-            f"system prompt: {p['system_prompt']!r}.\n`paper:` columns: Polignano et al. 2024, Tables 1 (EN) and 2 (IT); `leaderboard:` "
-            f"= Open Ita LLM Leaderboard, not in the paper (see anita/paper/README.md). Averages: `printed` = the paper's, "
-            f"`recomputed` = the mean of the column's cells of that table. Δ = this run − paper ANITA.\n\n")
+    head = _table_head(p)
     with atomic_write(out/"table.md") as f: f.write(head + to_markdown(df))
     paths.append(out/"table.md")
     paths.append(bar_chart(df, out/"chart.png", title=f"anita eval: {p['suite']}"))
-    paths.append(write_json(out/"generations.json", [dict(model=n, **g) for n, m in results["models"].items() for g in m["generations"]]))
+    paths.append(write_json(out/"generations.json",
+                            [dict(model=n, **g) for n, m in results["models"].items() for g in m["generations"]]))
     rep = {n: dict(elapsed_s=m["elapsed_s"], eval_s=m["eval_s"], docs_per_s=m["docs_per_s"],
                    **{f"{t}.{k}": round(v, 4) for t, mets in m["metrics"].items() for k, v in mets.items()})
            for n, m in results["models"].items()}
     paths.append(write_json(out/"report.json", dict(suite=p["suite"], models=rep)))
-    if any(m.get("heldout") for m in results["models"].values()):
-        paths.append(write_json(out/"heldout.json", dict(models={n: m.get("heldout") for n, m in results["models"].items()},
-                                                         effects=step_effects(results))))
-        with atomic_write(out/"heldout.md") as f:
-            f.write("## Held-out figures: what each step changed\n\nOn rows no step trained on (the data step's `heldout/`), "
-                    "mean ± standard error over rows; step's change = this step's model − the one before it, on the same rows, "
-                    "± the paired standard error; ✓ = the intended direction and more than twice that error. Loss = mean "
-                    "negative log-likelihood per token (nats).\n\n" + heldout_table(results))
-        paths.append(out/"heldout.md")
+    paths += _write_heldout(results, out)
     return [str(x) for x in paths]
 
+# %% ../nbs/05_eval.ipynb #6d57fee5
 def run_eval(run="nbtest", root="runs", **kw) -> dict:
     "The evaluation step: `evaluate(**kw)` and `write_outputs` into `root/run/05_eval`, with a run manifest."
     d = run_dir(run, "05_eval", root)
     models = parse_models(kw.get("models", {"embedded": "embedded"}), root, run)
     inputs = {n: r for n, r in models.items() if isinstance(r, str) and Path(r).exists()}
-    with step_manifest(d, "05_eval", {k: (v if isinstance(v, (str, int, float, bool, type(None), dict, list)) else str(v))
+    with step_manifest(d, "05_eval",
+                       {k: (v if isinstance(v, (str, int, float, bool, type(None), dict, list)) else str(v))
                                       for k, v in kw.items()}, inputs) as outs:
         res = evaluate(root=root, run=run, **kw)
         outs += write_outputs(res, d)
@@ -764,10 +291,13 @@ def biased_lm(ref="embedded", letter:str="B", boost:float=100.0, **kw):
     "An lm-eval `hf` LM whose model always prefers the answer `letter` (a forward hook on the output layer)."
     lm = make_lm(ref, "hf", **kw)
     tok_id = lm.tokenizer.encode(f" {letter}", add_special_tokens=False)[-1]
-    def hook(mod, inp, out): out[..., tok_id] += boost; return out
+    def hook(mod, inp, out):
+        out[..., tok_id] += boost
+        return out
     lm.model.get_output_embeddings().register_forward_hook(hook)
     return lm
 
+# %% ../nbs/05_eval.ipynb #3f3f8dea
 def gold_fraction(task:str, letter:str) -> float:
     "The fraction of test items of an anita offline task whose gold answer is `letter`."
     rows = [json.loads(l) for l in (evaltasks_dir()/f"mc_{task.split('_')[-1]}.jsonl").read_text(encoding="utf-8").splitlines() if l.strip()]

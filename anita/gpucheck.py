@@ -4,17 +4,17 @@
 
 # %% ../nbs/15_gpucheck.ipynb #6a524707
 from __future__ import annotations
-import argparse, importlib, json, os, shutil, signal, subprocess, sys, tempfile, time, traceback, zipfile
+import argparse, importlib, json, os, shutil, subprocess, sys, time
 from pathlib import Path
-from .core import atomic_write, write_json, package_versions
+from .core import write_json, package_versions
+from .gpurunner import *
+from .gpurunner import _child
+from .gpuwheels import *
 
 # %% auto #0
-__all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_NO_CUDA', 'SELFTEST_PARTS', 'PINNED_TORCH', 'LLAMA3_8B', 'GPU_TRAIN', 'PARTS',
-           'TYPICAL_NODE', 'WHEEL_ROOTS', 'NODE_OWN', 'UNUSED_PARTS', 'cuda_probe', 'no_cuda_message', 'Skip',
-           'run_part', 'part_line', 'run_parts', 'selftest_part', 'part_env', 'part_bnb', 'llama3_8b_config',
-           'llama3_8b_shaped', 'part_models', 'part_sft', 'part_sft_compare', 'check_merge', 'part_dpo', 'part_ita',
-           'part_eval', 'plan', 'main', 'norm_name', 'parse_freeze', 'read_constraints', 'wheel_requires',
-           'wheel_closure', 'slim_wheel', 'gpu_wheels']
+__all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_NO_CUDA', 'PINNED_TORCH', 'LLAMA3_8B', 'GPU_TRAIN', 'PARTS', 'cuda_probe',
+           'no_cuda_message', 'part_env', 'part_bnb', 'llama3_8b_config', 'llama3_8b_shaped', 'part_models', 'part_sft',
+           'part_sft_compare', 'check_merge', 'part_dpo', 'part_ita', 'part_eval', 'plan', 'main']
 
 # %% ../nbs/15_gpucheck.ipynb #67bd21b3
 EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
@@ -28,7 +28,8 @@ def _driver() -> str|None:
             if w == "Module" and t[i+1][:1].isdigit(): return t[i+1]
         return "present"
     if shutil.which("nvidia-smi"):
-        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                           text=True)
         if r.returncode == 0 and r.stdout.strip(): return r.stdout.split()[0]
     return None
 
@@ -52,105 +53,18 @@ def cuda_probe(use_torch:bool=True) -> dict:
                          f"the driver may be too old for this build; choose a torch build for an older CUDA "
                          f"(e.g. pip install torch --index-url https://download.pytorch.org/whl/cu126)")
     else:
-        out.update(ok=True, devices=[dict(name=torch.cuda.get_device_name(i), capability=".".join(map(str, torch.cuda.get_device_capability(i))),
-                   memory_gb=round(torch.cuda.get_device_properties(i).total_memory/2**30, 1)) for i in range(torch.cuda.device_count())])
+        out.update(ok=True,
+                   devices=[dict(name=torch.cuda.get_device_name(i),
+                                 capability=".".join(map(str, torch.cuda.get_device_capability(i))),
+                   memory_gb=round(torch.cuda.get_device_properties(i).total_memory/2**30,
+                                   1)) for i in range(torch.cuda.device_count())])
     return out
 
+# %% ../nbs/15_gpucheck.ipynb #c3721ec7
 def no_cuda_message(p:dict) -> str:
     "The one-paragraph message printed when CUDA is not usable."
     return (f"gpu-check: no CUDA: {p['reason']}. Nothing was checked. Run `make gpu-check` on a GPU node "
             f"(see README: GPU check); on this machine use backend='cpu'.")
-
-# %% ../nbs/15_gpucheck.ipynb #f21a2759
-class Skip(Exception):
-    "Raise in a part that does not apply on this node (the message says why)."
-
-def _child(target:str, kwargs:dict, out:str):
-    "Child side of `run_part`: call `target` and write `{status, figures|error}` to `out`."
-    mod, fn = target.split(":")
-    t0 = time.time()
-    try:
-        r = dict(status="PASS", figures=getattr(importlib.import_module(mod), fn)(**kwargs) or {})
-    except Skip as e: r = dict(status="SKIP", reason=str(e))
-    except BaseException as e:
-        traceback.print_exc()
-        r = dict(status="FAIL", error=f"{type(e).__name__}: {e}"[:2000])
-    r["seconds"] = round(time.time() - t0, 2)
-    write_json(out, r)
-
-def _tail(path, n:int=15) -> str:
-    try: return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
-    except OSError: return ""
-
-def run_part(name:str, target:str, kwargs:dict=None, timeout_s:float=600, log_dir=".", env:dict=None) -> dict:
-    "Run part `target` (`module:function`) in a child process with a time limit; returns `{name, status, seconds, ...}`."
-    log_dir = Path(log_dir); log_dir.mkdir(parents=True, exist_ok=True)
-    import re
-    safe = re.sub(r"[^\w.-]", "_", name)
-    log, res = log_dir/f"{safe}.log", log_dir/f".{safe}.result.json"
-    res.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "anita.gpucheck", "--child", target, "--kwargs", json.dumps(kwargs or {}), "--result", str(res)]
-    t0 = time.time()
-    with open(log, "w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
-        try: rc = p.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            with_group = lambda sig: os.killpg(p.pid, sig)
-            try: with_group(signal.SIGKILL)
-            except ProcessLookupError: pass
-            p.wait()
-            return dict(name=name, status="FAIL", seconds=round(time.time()-t0, 2), error=f"timed out after {timeout_s:g}s (killed)", log=str(log))
-    if not res.exists():
-        return dict(name=name, status="FAIL", seconds=round(time.time()-t0, 2), log=str(log),
-                    error=f"part process exited with code {rc} without a result:\n{_tail(log)}")
-    r = json.loads(res.read_text()); res.unlink()
-    r["part_seconds"], r["seconds"] = r.get("seconds"), round(time.time()-t0, 2)  # the function's time; the wall time with start-up
-    return dict(name=name, **r, log=str(log))
-
-# %% ../nbs/15_gpucheck.ipynb #b774c63f
-def _fmt(v):
-    if isinstance(v, float): return f"{v:.4g}"
-    if isinstance(v, dict): return "{" + ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) + "}"
-    return str(v)
-
-def part_line(r:dict, keys:int=6) -> str:
-    "One `PASS`/`FAIL`/`SKIP` line for a part's result."
-    head = f"{r['status']:4s}  {r['name']:<12s} {r.get('seconds', 0):7.1f}s  "
-    if r["status"] == "SKIP": return head + r.get("reason", "")
-    if r["status"] == "FAIL": return head + r.get("error", "").splitlines()[0] + (f"  (log: {r['log']})" if r.get("log") else "")
-    figs = r.get("figures", {})
-    return head + "  ".join(f"{k}={_fmt(v)}" for k, v in list(figs.items())[:keys] if not isinstance(v, (list,)))
-
-def run_parts(parts:list,            # `[(name, "module:function", kwargs), ...]`
-              out_json,              # summary file, rewritten after each part
-              timeout_s:float=600,   # time limit per part (a part's kwargs may carry its own `_timeout_s`)
-              log_dir=None, header:dict=None, say=print) -> dict:
-    "Run every part (keep going after a failure), print one line each, write the summary JSON; returns it."
-    out_json = Path(out_json); log_dir = Path(log_dir or out_json.parent/"logs")
-    summary = dict(header or {}, parts={}, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    for name, target, kw in parts:
-        kw = dict(kw or {}); t = kw.pop("_timeout_s", timeout_s)
-        r = run_part(name, target, kw, t, log_dir)
-        summary["parts"][name] = r
-        say(part_line(r))
-        summary["failed"] = [n for n, x in summary["parts"].items() if x["status"] == "FAIL"]
-        write_json(out_json, summary)
-    summary["status"] = "FAIL" if summary["failed"] else "PASS"
-    write_json(out_json, summary)
-    return summary
-
-# %% ../nbs/15_gpucheck.ipynb #cd001b81
-def selftest_part(kind:str="pass", seconds:float=0):
-    "A part for testing the runner: `pass`, `fail`, `skip`, `sleep` (for `seconds`) or `crash` (exits without a result)."
-    if kind == "sleep": time.sleep(seconds); return dict(slept=seconds)
-    if kind == "fail": raise RuntimeError("this part fails on purpose")
-    if kind == "skip": raise Skip("this part does not apply here")
-    if kind == "crash": os._exit(7)
-    return dict(answer=42, python=sys.version.split()[0])
-
-_S = "anita.gpucheck:selftest_part"
-SELFTEST_PARTS = [("ok", _S, {}), ("broken", _S, dict(kind="fail")), ("n/a", _S, dict(kind="skip")),
-                  ("hang", _S, dict(kind="sleep", seconds=60, _timeout_s=3)), ("crash", _S, dict(kind="crash")), ("after", _S, {})]
 
 # %% ../nbs/15_gpucheck.ipynb #6281d052
 PINNED_TORCH = "2.13.0"
@@ -159,13 +73,17 @@ def part_env(workdir:str=None):
     "Versions, driver, devices; whether torch is the pinned build or the node's own."
     import platform, torch
     p = cuda_probe()
-    v = package_versions(("anita", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "unsloth",
+    v = package_versions(("anita", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes",
+                          "unsloth",
                           "unsloth_zoo", "lm_eval", "vllm", "tiktoken"))
     own = torch.__version__.split("+")[0] != PINNED_TORCH
-    return dict(python=platform.python_version(), driver=p["driver"], torch=torch.__version__, torch_cuda=torch.version.cuda,
+    return dict(python=platform.python_version(), driver=p["driver"], torch=torch.__version__,
+                torch_cuda=torch.version.cuda,
                 torch_source=f"the node's own torch {torch.__version__} (the project pins {PINNED_TORCH})" if own else "pinned",
-                devices=p["devices"], cuda_ok=p["ok"], bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
-                versions=v, missing=[k for k in ("trl", "bitsandbytes", "unsloth", "datasets", "lm_eval") if k not in v])
+                devices=p["devices"], cuda_ok=p["ok"],
+                bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+                versions=v,
+                missing=[k for k in ("trl", "bitsandbytes", "unsloth", "datasets", "lm_eval") if k not in v])
 
 # %% ../nbs/15_gpucheck.ipynb #201bbf95
 def _need(mod:str, why:str):
@@ -181,28 +99,35 @@ def part_bnb(workdir:str=None, dim:int=4096, tokens:int=256):
     lin.weight = bnb.nn.Params4bit(torch.randn(dim, dim) / dim**0.5, requires_grad=False, quant_type="nf4")
     lin = lin.cuda()
     x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    y = lin(x); y.float().pow(2).mean().backward()
+    y = lin(x)
+    y.float().pow(2).mean().backward()
     w = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).to(torch.bfloat16)
     ref = x.detach() @ w.t()
     fwd_err = ((y.detach().float() - ref.float()).norm() / ref.float().norm()).item()
-    if not torch.isfinite(x.grad).all() or fwd_err > 2e-2: raise AssertionError(f"4-bit linear: relative error {fwd_err:.3g}, grad finite={bool(torch.isfinite(x.grad).all())}")
+    if not torch.isfinite(x.grad).all() or fwd_err > 2e-2:
+        raise AssertionError(f"4-bit linear: relative error {fwd_err:.3g}, grad finite={bool(torch.isfinite(x.grad).all())}")
     p = torch.nn.Parameter(torch.randn(dim, dim, device="cuda"))
     before = p.detach().clone()
     opt = bnb.optim.PagedAdamW8bit([p], lr=1e-3)
-    (p.float() ** 2).mean().backward(); opt.step()
+    (p.float() ** 2).mean().backward()
+    opt.step()
     moved = (p.detach() - before).abs().max().item()
-    if not (0 < moved < 1e-2) or not torch.isfinite(p).all(): raise AssertionError(f"paged 8-bit AdamW step moved weights by {moved}")
+    if not (0 < moved < 1e-2) or not torch.isfinite(p).all():
+        raise AssertionError(f"paged 8-bit AdamW step moved weights by {moved}")
     return dict(bnb=bnb.__version__, linear4bit_rel_err=round(fwd_err, 5), adamw8bit_max_update=moved)
 
 # %% ../nbs/15_gpucheck.ipynb #8dfaee3e
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False)
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8,
+                 max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, hidden_act="silu",
+                 tie_word_embeddings=False)
 
 def llama3_8b_config(n_layers:int=2, **over):
     "A `LlamaConfig` with Meta-Llama-3-8B's sizes and `n_layers` layers (the 8B has 32)."
     from transformers import LlamaConfig
     return LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": n_layers, **over})
 
+# %% ../nbs/15_gpucheck.ipynb #7aa0195d
 def llama3_8b_shaped(out_dir, n_layers:int=2, device:str="cuda", seed:int=0) -> str:
     "Save a random-weight model with Llama-3-8B's layer sizes and vocabulary (`n_layers` layers, bf16) and the Llama-3 tokenizer."
     out = Path(out_dir)
@@ -212,12 +137,14 @@ def llama3_8b_shaped(out_dir, n_layers:int=2, device:str="cuda", seed:int=0) -> 
     from anita.core import llama3_tokenizer, atomic_dir
     tok = llama3_tokenizer()
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    cfg = llama3_8b_config(n_layers, bos_token_id=tok.bos_token_id, eos_token_id=[tok.convert_tokens_to_ids("<|end_of_text|>"), eot],
+    cfg = llama3_8b_config(n_layers, bos_token_id=tok.bos_token_id,
+                           eos_token_id=[tok.convert_tokens_to_ids("<|end_of_text|>"), eot],
                            pad_token_id=None)
     torch.manual_seed(seed)
     with torch.device(device): m = LlamaForCausalLM(cfg).to(torch.bfloat16)
     with atomic_dir(out) as tmp:
-        m.save_pretrained(tmp, safe_serialization=True); tok.save_pretrained(tmp)
+        m.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return str(out)
 
 # %% ../nbs/15_gpucheck.ipynb #a8f6539e
@@ -228,14 +155,20 @@ def part_models(workdir:str, n_layers:int=2):
     d = llama3_8b_shaped(Path(workdir)/"llama3-8b-shaped", n_layers)
     m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, device_map={"": 0})
     ids = torch.randint(0, 128000, (2, 512), device="cuda")
-    torch.cuda.reset_peak_memory_stats(); t0 = time.time()
-    loss = m(input_ids=ids, labels=ids).loss; loss.backward(); torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.cuda.synchronize()
     out = dict(llama3_8b_shaped=d, n_layers=n_layers, params_b=round(sum(p.numel() for p in m.parameters())/1e9, 3),
-               fwd_bwd_s=round(time.time()-t0, 3), peak_mem_gb=round(torch.cuda.max_memory_allocated()/2**30, 2), loss=round(loss.item(), 3))
+               fwd_bwd_s=round(time.time()-t0, 3), peak_mem_gb=round(torch.cuda.max_memory_allocated()/2**30, 2),
+               loss=round(loss.item(), 3))
     try:
         from anita.core import embedded_base
         out["embedded"] = embedded_base()
-    except Exception as e: out["embedded"] = None; out["embedded_missing"] = f"{type(e).__name__}: {e}"[:200]
+    except Exception as e:
+        out["embedded"] = None
+        out["embedded_missing"] = f"{type(e).__name__}: {e}"[:200]
     write_json(Path(workdir)/"models.json", out)
     return out
 
@@ -252,29 +185,39 @@ def _sft_rows(model:str, n:int=64):
     ds = data.prepare_sft(str(data.sample_path("sft")), tok)
     return ds.select(range(min(n, len(ds))))
 
-GPU_TRAIN = dict(max_length=1024, batch_size=4, grad_accum=1, lr=1e-4, warmup_steps=0, logging_steps=1, save_steps=10_000,
+GPU_TRAIN = dict(max_length=1024, batch_size=4, grad_accum=1, lr=1e-4, warmup_steps=0, logging_steps=1,
+                 save_steps=10_000,
                  epochs=100, lora_r=16, lora_alpha=16, generate=False, resume=False)
 
 def part_sft(workdir:str, backend:str="hf", steps:int=10):
     "`train_sft` on the 8B-shaped model with `backend`: tokens/s, peak GPU memory, loss."
-    if backend == "unsloth": _need("unsloth", "install the gpu extra or carry unsloth's wheels"); import unsloth  # noqa: first, before transformers
-    _need("trl", "install the gpu extra or carry trl's wheel"); _need("bitsandbytes", "4-bit QLoRA needs bitsandbytes")
+    if backend == "unsloth":  # noqa: first, before transformers
+        _need("unsloth", "install the gpu extra or carry unsloth's wheels")
+        import unsloth
+    _need("trl", "install the gpu extra or carry trl's wheel")
+    _need("bitsandbytes", "4-bit QLoRA needs bitsandbytes")
     from anita.sft import train_sft
     m = _models(workdir)["llama3_8b_shaped"]
-    r = train_sft(m, _sft_rows(m), Path(workdir)/f"sft-{backend}", backend=backend, max_steps=steps, merge=False, packing=True,
+    r = train_sft(m, _sft_rows(m), Path(workdir)/f"sft-{backend}", backend=backend, max_steps=steps, merge=False,
+                  packing=True,
                   **GPU_TRAIN)["report"]
-    out = dict(backend=backend, tokens_per_s=r["tokens_per_s"], peak_mem_gb=r["peak_mem_gb"], steps=r["optimizer_steps"],
-               loss_first=r["loss_first"], loss_last=r["loss_last"], real_tokens=r["real_tokens_trained"], seconds=r["train_runtime_s"])
+    out = dict(backend=backend, tokens_per_s=r["tokens_per_s"], peak_mem_gb=r["peak_mem_gb"],
+               steps=r["optimizer_steps"],
+               loss_first=r["loss_first"], loss_last=r["loss_last"], real_tokens=r["real_tokens_trained"],
+               seconds=r["train_runtime_s"])
     write_json(Path(workdir)/f"sft-{backend}.json", out)
     return out
 
+# %% ../nbs/15_gpucheck.ipynb #a25a022b
 def part_sft_compare(workdir:str, min_speedup:float=2.0, max_mem_ratio:float=0.6):
     "unsloth against hf: tokens/s ratio and peak-memory ratio, against the goal."
     got = {b: Path(workdir)/f"sft-{b}.json" for b in ("hf", "unsloth")}
     if not all(p.exists() for p in got.values()): raise Skip("needs both sft_hf and sft_unsloth to pass")
     hf, un = (json.loads(got[b].read_text()) for b in ("hf", "unsloth"))
-    r = dict(tokens_per_s_ratio=round(un["tokens_per_s"]/hf["tokens_per_s"], 3), peak_mem_ratio=round(un["peak_mem_gb"]/hf["peak_mem_gb"], 3),
-             hf_tokens_per_s=hf["tokens_per_s"], unsloth_tokens_per_s=un["tokens_per_s"], hf_peak_mem_gb=hf["peak_mem_gb"],
+    r = dict(tokens_per_s_ratio=round(un["tokens_per_s"]/hf["tokens_per_s"], 3),
+             peak_mem_ratio=round(un["peak_mem_gb"]/hf["peak_mem_gb"], 3),
+             hf_tokens_per_s=hf["tokens_per_s"], unsloth_tokens_per_s=un["tokens_per_s"],
+             hf_peak_mem_gb=hf["peak_mem_gb"],
              unsloth_peak_mem_gb=un["peak_mem_gb"])
     if r["tokens_per_s_ratio"] < min_speedup or r["peak_mem_ratio"] > max_mem_ratio:
         raise AssertionError(f"goal missed: unsloth/hf tokens/s {r['tokens_per_s_ratio']}x (goal >= {min_speedup}x), "
@@ -287,7 +230,8 @@ def check_merge(base:str, adapter:str, merged:str, rtol:float=2e-2) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     from peft import PeftModel
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter).merge_and_unload().state_dict()
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                    adapter).merge_and_unload().state_dict()
     got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).state_dict()
     missing = sorted(set(ref) ^ set(got))
     if missing: raise AssertionError(f"{merged}: weights differ in names from base+adapter: {missing[:5]}")
@@ -298,7 +242,8 @@ def check_merge(base:str, adapter:str, merged:str, rtol:float=2e-2) -> dict:
     base_sd = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
     changed = sum(not torch.equal(base_sd[k], got[k]) for k in got)
     if changed == 0: raise AssertionError(f"{merged}: no weight differs from the base: the adapter was not merged")
-    if worst > rtol: raise AssertionError(f"{merged}: merged weights differ from base+adapter by {worst:.3g} (relative, > {rtol})")
+    if worst > rtol:
+        raise AssertionError(f"{merged}: merged weights differ from base+adapter by {worst:.3g} (relative, > {rtol})")
     return dict(max_rel_diff=round(worst, 6), tensors_changed=changed)
 
 # %% ../nbs/15_gpucheck.ipynb #a86a9d12
@@ -314,29 +259,32 @@ def _train_and_merge(workdir:str, kind:str, backend:str, steps:int):
     backend = prepare_backend(backend)   # unsloth, if chosen, is imported before transformers
     from transformers import AutoTokenizer
     import anita.data as data
-    m = _dpo_model(workdir); out = Path(workdir)/kind
+    m = _dpo_model(workdir)
+    out = Path(workdir)/kind
     tok = AutoTokenizer.from_pretrained(m)
     if kind == "dpo":
         from anita.dpo import train_dpo
         ds = data.prepare_dpo(str(data.sample_path("dpo")), tok)
-        r = train_dpo(m, ds, out, backend=backend, max_steps=steps, max_prompt_length=256, **{**GPU_TRAIN, "max_length": 512})
+        r = train_dpo(m, ds, out, backend=backend, max_steps=steps, max_prompt_length=256,
+                      **{**GPU_TRAIN, "max_length": 512})
     else:
         from anita.ita import train_ita
         ds = data.prepare_ita(str(data.sample_path("ita")), tok)
         ds = ds[0] if isinstance(ds, tuple) else ds
         r = train_ita(m, ds, out, backend=backend, max_steps=steps, **{**GPU_TRAIN, "max_length": 512})
     r = r["report"]
-    return dict(backend=backend, model=m, tokens_per_s=r["tokens_per_s"], peak_mem_gb=r["peak_mem_gb"], loss_first=r["loss_first"],
+    return dict(backend=backend, model=m, tokens_per_s=r["tokens_per_s"], peak_mem_gb=r["peak_mem_gb"],
+                loss_first=r["loss_first"],
                 loss_last=r["loss_last"], **check_merge(m, str(out/"adapter"), str(out/"merged")))
 
 def part_dpo(workdir:str, backend:str="auto", steps:int=4):
     "A few DPO steps with the recipe's code, the adapter merged, the merge checked with plain PEFT."
     return _train_and_merge(workdir, "dpo", backend, steps)
 
+# %% ../nbs/15_gpucheck.ipynb #749576c7
 def part_ita(workdir:str, backend:str="auto", steps:int=4):
     "A few steps of the Italian adaptation (raw text, loss on every token), merged and checked with plain PEFT."
     return _train_and_merge(workdir, "ita", backend, steps)
-
 
 # %% ../nbs/15_gpucheck.ipynb #f13fb30d
 def part_eval(workdir:str, limit:int=None):
@@ -344,19 +292,24 @@ def part_eval(workdir:str, limit:int=None):
     _need("lm_eval", "install the eval extra or carry lm-eval's wheels")
     import importlib.util
     from anita.eval import evaluate
-    m = _dpo_model(workdir); out = dict(model=m)
+    m = _dpo_model(workdir)
+    out = dict(model=m)
     for be in ["hf"] + (["vllm"] if importlib.util.find_spec("vllm") else []):
-        r = evaluate({"m": m}, suite="local", limit=limit, backend=be, device="cuda", batch_size="auto", gen_max_new_tokens=0,
+        r = evaluate({"m": m}, suite="local", limit=limit, backend=be, device="cuda", batch_size="auto",
+                     gen_max_new_tokens=0,
                      root=str(Path(workdir)/"eval"), run=be)["models"]["m"]
         out[be] = dict(docs_per_s=r["docs_per_s"], eval_s=r["eval_s"], metrics=r["metrics"])
-        import gc, torch; gc.collect(); torch.cuda.empty_cache()
+        import gc, torch
+        gc.collect()
+        torch.cuda.empty_cache()
     if "vllm" not in out: out["vllm"] = "not installed"
     return out
 
 # %% ../nbs/15_gpucheck.ipynb #0a60a0c6
 PARTS = [("env", "part_env", 60), ("bnb", "part_bnb", 120), ("models", "part_models", 240),
          ("sft_hf", "part_sft", 300, dict(backend="hf")), ("sft_unsloth", "part_sft", 300, dict(backend="unsloth")),
-         ("sft_compare", "part_sft_compare", 30), ("dpo", "part_dpo", 300), ("ita", "part_ita", 300), ("eval", "part_eval", 300)]
+         ("sft_compare", "part_sft_compare", 30), ("dpo", "part_dpo", 300), ("ita", "part_ita", 300),
+         ("eval", "part_eval", 300)]
 
 def plan(workdir, only:list=None, skip:list=None) -> list:
     "The `(name, target, kwargs)` list `run_parts` takes, with the work folder and each part's time limit."
@@ -370,34 +323,54 @@ def plan(workdir, only:list=None, skip:list=None) -> list:
     return out
 
 # %% ../nbs/15_gpucheck.ipynb #425336a3
-def main(argv=None) -> int:
-    "Command line of the GPU check (see `python -m anita.gpucheck --help`)."
-    ap = argparse.ArgumentParser(prog="python -m anita.gpucheck", description="Check and measure the GPU path of anita (make gpu-check).")
-    ap.add_argument("--out", default="runs/gpu-check", help="folder for gpu-check.json, logs and the models/runs it makes")
+def _parser() -> argparse.ArgumentParser:
+    "The options of `python -m anita.gpucheck`."
+    ap = argparse.ArgumentParser(prog="python -m anita.gpucheck",
+                                 description="Check and measure the GPU path of anita (make gpu-check).")
+    ap.add_argument("--out", default="runs/gpu-check",
+                    help="folder for gpu-check.json, logs and the models/runs it makes")
     ap.add_argument("--parts", help=f"comma list of parts to run (default all: {','.join(p[0] for p in PARTS)})")
     ap.add_argument("--skip", help="comma list of parts to leave out")
-    ap.add_argument("--probe", action="store_true", help="only check that CUDA is usable (exit 0) or not (exit 3); imports no torch when no driver")
-    ap.add_argument("--wheels", help="download the wheels an offline node needs into this folder (make gpu-wheels), then exit")
-    ap.add_argument("--node-packages", help="with --wheels: `pip list --format=freeze` of the offline node (default: a typical node)")
+    ap.add_argument("--probe", action="store_true",
+                    help="only check that CUDA is usable (exit 0) or not (exit 3); imports no torch when no driver")
+    ap.add_argument("--wheels",
+                    help="download the wheels an offline node needs into this folder (make gpu-wheels), then exit")
+    ap.add_argument("--node-packages",
+                    help="with --wheels: `pip list --format=freeze` of the offline node (default: a typical node)")
     ap.add_argument("--python-version", default="3.12", help="with --wheels: the offline node's Python (default 3.12)")
-    ap.add_argument("--cuda", default="130", help="with --wheels: CUDA version of the node's torch, as in cu130 (bitsandbytes keeps only its binary)")
+    ap.add_argument("--cuda", default="130",
+                    help="with --wheels: CUDA version of the node's torch, as in cu130 (bitsandbytes keeps only its binary)")
     ap.add_argument("--max-mib", type=float, default=60, help="with --wheels: size limit of the folder")
-    ap.add_argument("--selftest", action="store_true", help="run the runner's own test parts (pass, fail, skip, timeout, crash) on any machine")
-    ap.add_argument("--child", help=argparse.SUPPRESS); ap.add_argument("--kwargs", help=argparse.SUPPRESS); ap.add_argument("--result", help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    if a.child: _child(a.child, json.loads(a.kwargs or "{}"), a.result); return EXIT_OK
+    ap.add_argument("--selftest", action="store_true",
+                    help="run the runner's own test parts (pass, fail, skip, timeout, crash) on any machine")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--kwargs", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    return ap
+
+def main(argv=None) -> int:
+    "Command line of the GPU check (see `python -m anita.gpucheck --help`)."
+    a = _parser().parse_args(argv)
+    if a.child:
+        _child(a.child, json.loads(a.kwargs or "{}"), a.result)
+        return EXIT_OK
     if a.wheels:
         present = parse_freeze(Path(a.node_packages).read_text()) if a.node_packages else TYPICAL_NODE
         r = gpu_wheels(a.wheels, present, a.python_version, a.cuda, a.max_mib)
         return EXIT_OK if r["ok"] else EXIT_FAILED
-    out = Path(a.out); only, skip = (a.parts.split(",") if a.parts else None), (a.skip.split(",") if a.skip else None)
+    out = Path(a.out)
+    only, skip = (a.parts.split(",") if a.parts else None), (a.skip.split(",") if a.skip else None)
     if a.selftest:
-        s = run_parts([x for x in SELFTEST_PARTS if (not only or x[0] in only) and x[0] not in (skip or [])], out/"gpu-check.json")
+        s = run_parts([x for x in SELFTEST_PARTS if (not only or x[0] in only) and x[0] not in (skip or [])],
+                      out/"gpu-check.json")
         return EXIT_FAILED if s["failed"] else EXIT_OK
     p = cuda_probe()
     if not p["ok"]:
-        print(no_cuda_message(p), file=sys.stderr); return EXIT_NO_CUDA
-    if a.probe: print(f"gpu-check: CUDA driver {p['driver']}" + (f", torch {p['torch']} sees {len(p['devices'])} GPU(s)" if p["torch"] else "")); return EXIT_OK
+        print(no_cuda_message(p), file=sys.stderr)
+        return EXIT_NO_CUDA
+    if a.probe:
+        print(f"gpu-check: CUDA driver {p['driver']}" + (f", torch {p['torch']} sees {len(p['devices'])} GPU(s)" if p["torch"] else ""))
+        return EXIT_OK
     out.mkdir(parents=True, exist_ok=True)
     print(f"gpu-check: {', '.join(d['name'] for d in p['devices'])}; driver {p['driver']}; torch {p['torch']} (CUDA {p['torch_cuda']})"
           + ("" if p["torch"].split("+")[0] == PINNED_TORCH else f": the node's own torch, not the pinned {PINNED_TORCH}"), flush=True)
@@ -406,160 +379,6 @@ def main(argv=None) -> int:
     n = {k: sum(r["status"] == k for r in s["parts"].values()) for k in ("PASS", "FAIL", "SKIP")}
     print(f"gpu-check: {n['PASS']} passed, {n['FAIL']} failed, {n['SKIP']} skipped in {time.time()-t0:.0f}s; figures: {out/'gpu-check.json'}")
     return EXIT_FAILED if s["failed"] else EXIT_OK
-
-# %% ../nbs/15_gpucheck.ipynb #2eb7a7f3
-TYPICAL_NODE = {n: None for n in """torch transformers peft accelerate tiktoken numpy safetensors tokenizers huggingface-hub hf-xet pyyaml
-regex requests urllib3 idna certifi charset-normalizer tqdm filelock packaging psutil jinja2 markupsafe fsspec networkx sympy mpmath
-typing-extensions triton setuptools pip httpx httpcore anyio h11 sniffio click typer shellingham rich markdown-it-py mdurl pygments""".split()}
-WHEEL_ROOTS = [("training", ["trl", "datasets"]), ("gpu", ["bitsandbytes", "unsloth", "unsloth_zoo"]), ("eval", ["lm-eval"])]
-NODE_OWN = ("torch", "torchvision", "torchaudio", "xformers", "triton", "vllm", "flash-attn", "nvidia-")
-
-def norm_name(n:str) -> str:
-    "A distribution name in PEP 503 normal form (`Unsloth_Zoo` -> `unsloth-zoo`)."
-    import re
-    return re.sub(r"[-_.]+", "-", n).lower()
-
-def parse_freeze(text:str) -> dict:
-    "`{name: version}` from `pip list --format=freeze` / `pip freeze` output."
-    out = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"): continue
-        name, _, ver = line.partition("==")
-        if " @ " in name: name = name.split(" @ ")[0]
-        out[norm_name(name)] = ver or None
-    return out
-
-def read_constraints(path="constraints.txt") -> dict:
-    "`{name: '==version'}` from the project's version set."
-    out = {}
-    p = Path(path)
-    if not p.exists(): return out
-    for line in p.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if "==" in line: n, v = line.split("=="); out[norm_name(n)] = v.strip()
-    return out
-
-# %% ../nbs/15_gpucheck.ipynb #4cc33232
-def wheel_requires(whl, python_version:str="3.12") -> list:
-    "The dependency names of a wheel (`Requires-Dist` without extras, markers evaluated for Linux x86-64 and `python_version`)."
-    from packaging.requirements import Requirement
-    with zipfile.ZipFile(whl) as z:
-        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        text = z.read(meta).decode("utf-8", "replace")
-    env = dict(python_version=python_version, python_full_version=python_version + ".0", sys_platform="linux",
-               platform_system="Linux", platform_machine="x86_64", os_name="posix", implementation_name="cpython", extra="")
-    out = []
-    for line in text.splitlines():
-        if not line.startswith("Requires-Dist:"): continue
-        r = Requirement(line.split(":", 1)[1].strip())
-        if r.marker is None or r.marker.evaluate(env): out.append(norm_name(r.name))
-    return out
-
-def wheel_closure(roots:list, present:dict, requires, node_own=NODE_OWN) -> tuple:
-    "Names to carry: `roots` and their dependencies (by `requires(name)`) not `present` on the node; and those left to the node."
-    present = {norm_name(k) for k in present}
-    todo, need, own = [norm_name(r) for r in roots], [], set()
-    while todo:
-        n = todo.pop(0)
-        if n in need or n in present: continue
-        if n.startswith(node_own) or n in node_own: own.add(n); continue
-        need.append(n)
-        todo += [d for d in requires(n) if d not in need]
-    return need, sorted(own)
-
-# %% ../nbs/15_gpucheck.ipynb #be292fce
-# parts of wheels the check never imports: pyarrow's Arrow Flight libraries (10+ MiB; `datasets` does not use them; Substrait stays: pyarrow.lib links it),
-# C/C++ headers, sources and test suites
-UNUSED_PARTS = {"pyarrow": ("flight", "pyarrow/include/", "pyarrow/src/", "pyarrow/tests/", "pyarrow/includes/")}
-
-def _unused(member:str, wheel:str) -> bool:
-    "Whether a wheel member is in `UNUSED_PARTS` for that wheel's project."
-    parts = UNUSED_PARTS.get(norm_name(Path(wheel).name.split("-")[0]), ())
-    return any(member.startswith(p) if p.endswith("/") else p in member.rsplit("/", 1)[-1] for p in parts)
-
-def _other_platform_lib(member:str, cuda:str) -> bool:
-    "Whether a wheel member is a binary for another platform than Linux with CUDA `cuda` (e.g. '130')."
-    import re
-    name = member.rsplit("/", 1)[-1].lower()
-    if name.endswith((".dll", ".dylib", ".pyd", ".lib")): return True
-    if not re.search(r"\.so(\.\d+)*$", name): return False
-    if "rocm" in name or "hip" in name.split("_"): return True
-    m = re.search(r"cuda(\d+)", name)
-    return bool(m) and m.group(1) != str(cuda)
-
-def slim_wheel(src, dst_dir, cuda:str="130") -> dict:
-    "Copy wheel `src` into `dst_dir` without binaries for other platforms/CUDA versions and `UNUSED_PARTS` (RECORD updated); returns sizes and what was dropped."
-    import csv, io
-    src, dst = Path(src), Path(dst_dir)/Path(src).name
-    with zipfile.ZipFile(src) as z:
-        names = z.namelist()
-        drop = [n for n in names if _other_platform_lib(n, cuda) or _unused(n, src.name)]
-        if not drop:
-            if src.resolve() != dst.resolve(): shutil.copy(src, dst)
-            return dict(wheel=dst.name, mib=round(dst.stat().st_size/2**20, 2), dropped=[])
-        tmp = dst.with_suffix(".tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as out:
-            for info in z.infolist():
-                if info.filename in drop: continue
-                data = z.read(info)
-                if info.filename.endswith(".dist-info/RECORD"):
-                    rows = [r for r in csv.reader(io.StringIO(data.decode())) if r and r[0] not in drop]
-                    buf = io.StringIO(); csv.writer(buf, lineterminator="\n").writerows(rows); data = buf.getvalue().encode()
-                out.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
-    os.replace(tmp, dst)
-    return dict(wheel=dst.name, mib=round(dst.stat().st_size/2**20, 2), mib_before=round(src.stat().st_size/2**20, 2), dropped=drop)
-
-# %% ../nbs/15_gpucheck.ipynb #20976f83
-def _pip_download(name:str, dest, python_version:str, pins:dict) -> Path:
-    "Download one wheel (no deps) for Linux x86-64 and `python_version` into `dest`; returns its path."
-    spec = f"{name}=={pins[name]}" if name in pins else name
-    before = set(Path(dest).glob("*.whl"))
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
-           "--implementation", "cp", "--abi", f"cp{python_version.replace('.', '')}", "--abi", "abi3", "--abi", "none",
-           "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64",
-           "--platform", "manylinux_2_24_x86_64", "--platform", "any", "-d", str(dest), spec]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:   # a source-only package (e.g. sqlitedict): build its wheel here, if it is pure Python
-        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dest), spec], capture_output=True, text=True)
-        new = set(Path(dest).glob("*.whl")) - before
-        if r.returncode or not new or not all(w.name.endswith("-none-any.whl") for w in new):
-            raise RuntimeError(f"pip download {spec} failed (no wheel for the node, and no pure-Python build):\n{r.stderr[-2000:]}")
-    new = set(Path(dest).glob("*.whl")) - before
-    got = new or {w for w in Path(dest).glob("*.whl") if norm_name(w.name.split("-")[0]) == name}
-    return sorted(got)[0]
-
-def gpu_wheels(dest, present:dict=TYPICAL_NODE, python_version:str="3.12", cuda:str="130", max_mib:float=60,
-               constraints="constraints.txt", download=None) -> dict:
-    "Fill `dest` with the (slimmed) wheels an offline node lacks for the GPU check, group by group within `max_mib`; writes `wheels.json`."
-    dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
-    pins, download = read_constraints(constraints), download or (lambda n, d: _pip_download(n, d, python_version, pins))
-    carried, own, left_out, total = {}, set(), [], 0.0
-    with tempfile.TemporaryDirectory() as raw:
-        for group, roots in WHEEL_ROOTS:
-            got = {}
-            def requires(n):
-                got[n] = download(n, raw)
-                return wheel_requires(got[n], python_version)
-            try: need, o = wheel_closure(roots, {**present, **carried}, requires)
-            except RuntimeError as e:
-                left_out.append(dict(group=group, packages=list(roots), mib=None, error=str(e).splitlines()[0])); continue
-            (Path(raw)/"slim").mkdir(exist_ok=True)
-            slim = {n: slim_wheel(got[n], Path(raw)/"slim", cuda) for n in need}
-            size = sum(s["mib"] for s in slim.values())
-            if total + size > max_mib:
-                left_out.append(dict(group=group, packages=need, mib=round(size, 2))); continue
-            for n, s in slim.items():
-                shutil.move(str(Path(raw)/"slim"/s["wheel"]), dest/s["wheel"]); carried[n] = dict(s, group=group)
-            own |= set(o); total += size
-    ok = all(g["group"] != "training" for g in left_out)
-    rep = dict(python_version=python_version, cuda=cuda, max_mib=max_mib, total_mib=round(total, 2), carried=carried,
-               left_to_node=sorted(own), left_out=left_out, ok=ok)
-    write_json(dest/"wheels.json", rep)
-    for n, s in carried.items(): print(f"{s['mib']:7.2f} MiB  {s['wheel']}" + (f"  (slimmed from {s['mib_before']} MiB)" if s.get("dropped") else ""))
-    print(f"{total:7.2f} MiB in {dest} (limit {max_mib} MiB); the node's own: {', '.join(sorted(own)) or '-'}")
-    for g in left_out: print(f"left out: group {g['group']} ({g['mib']} MiB: {', '.join(g['packages'])}): its parts will SKIP on the node")
-    return rep
 
 # %% ../nbs/15_gpucheck.ipynb #076ef333
 if __name__ == "__main__" and "__file__" in globals():  # python -m anita.gpucheck (not in the notebook)

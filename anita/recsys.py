@@ -8,7 +8,8 @@ import difflib, json, math, random, re, time
 from collections import Counter
 from pathlib import Path
 from .core import run_dir, step_manifest, write_json, atomic_write, seed_everything
-from .sentiment import find_data, load_model, generate_batch
+from .models import load_model, generate_batch
+from .sentiment import find_data
 
 # %% auto #0
 __all__ = ['ML_FILE', 'ML_SAMPLE', 'RANK_PROMPT', 'load_ml', 'catalogue', 'popularity', 'make_candidates', 'rank_prompt',
@@ -25,7 +26,8 @@ def load_ml(path=None # JSON path; None = `find_data(ML_FILE, ML_SAMPLE)`
     if not path.exists(): raise FileNotFoundError(f"{path}: MovieLens JSON not found")
     try: rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(rows, list) or not rows: raise ValueError(f"{path}: expected a non-empty JSON list of [history, next_movie]")
+    if not isinstance(rows,
+                      list) or not rows: raise ValueError(f"{path}: expected a non-empty JSON list of [history, next_movie]")
     out = []
     for i, r in enumerate(rows):
         if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, str) for x in r)):
@@ -41,19 +43,23 @@ def catalogue(users) -> list:
     "Every distinct title in the histories and next movies, sorted."
     return sorted({m for h, n in users for m in (*h, n)})
 
+# %% ../nbs/09_recsys.ipynb #1c672154
 def popularity(users) -> Counter:
     "How many times each title occurs in the histories (next movies excluded)."
     return Counter(m for h, _ in users for m in h)
 
+# %% ../nbs/09_recsys.ipynb #67a2ffb3
 def make_candidates(users, n_candidates:int=20, seed:int=42) -> list:
     "Per user, the true next movie plus `n_candidates-1` unseen titles, shuffled (seeded)."
     items, rng, out = catalogue(users), random.Random(seed), []
     for i, (h, nxt) in enumerate(users):
         seen = set(h) | {nxt}
         pool = [m for m in items if m not in seen]
-        if len(pool) < n_candidates - 1: raise ValueError(f"user {i}: only {len(pool)} unseen titles for {n_candidates-1} negatives")
+        if len(pool) < n_candidates - 1:
+            raise ValueError(f"user {i}: only {len(pool)} unseen titles for {n_candidates-1} negatives")
         c = rng.sample(pool, n_candidates - 1) + [nxt]
-        rng.shuffle(c); out.append(c)
+        rng.shuffle(c)
+        out.append(c)
     return out
 
 # %% ../nbs/09_recsys.ipynb #d2e7493f
@@ -83,6 +89,7 @@ def norm_title(s:str) -> str:
     w = re.sub(r"[^0-9a-z]+", " ", s).split()
     return " ".join(w[1:] if len(w) > 1 and w[0] in ("the", "a", "an") else w)
 
+# %% ../nbs/09_recsys.ipynb #1462ef0b
 def parse_ranking(answer:str, candidates, min_partial:int=4) -> list:
     "Indices of `candidates` in the order `answer` ranks them (first mention wins; unknown titles ignored)."
     cn = [norm_title(c) for c in candidates]
@@ -96,7 +103,9 @@ def parse_ranking(answer:str, candidates, min_partial:int=4) -> list:
         if l and not l.isdigit():  # the line is one title, whole or its first words
             hit = [i for i in left if cn[i] == l] or \
                   [i for i in left if len(l) >= min_partial and f"{cn[i]} ".startswith(f"{l} ")]
-            if len(hit) == 1: found[hit[0]] = (li, 0); continue
+            if len(hit) == 1:
+                found[hit[0]] = (li, 0)
+                continue
         t, n0 = f" {norm_title(line)} ", len(found)
         for i in order:            # whole titles mentioned in the line, longest first
             if i in found or not cn[i]: continue
@@ -116,6 +125,7 @@ def parse_ranking(answer:str, candidates, min_partial:int=4) -> list:
         if hit: found[hit[0]] = (li, 0)
     return sorted(found, key=found.get)
 
+# %% ../nbs/09_recsys.ipynb #7a86c583
 def complete_ranking(ranked, n:int) -> list:
     "`ranked` followed by the missing indices `0..n-1` in order."
     return list(ranked) + [i for i in range(n) if i not in set(ranked)]
@@ -131,11 +141,13 @@ def rank_metrics(ranks, ks=(1, 5, 10)) -> dict:
         out[f"ndcg@{k}"] = sum(1/math.log2(r+2) for r in ranks if r < k)/len(ranks)
     return out
 
+# %% ../nbs/09_recsys.ipynb #91e75a68
 def expected_random(k:int, n_candidates:int=20) -> dict:
     "Expected Hit@k and NDCG@k of a uniformly random ranking of `n_candidates`."
     k = min(k, n_candidates)
     return {f"hit@{k}": k/n_candidates, f"ndcg@{k}": sum(1/math.log2(r+2) for r in range(k))/n_candidates}
 
+# %% ../nbs/09_recsys.ipynb #a1c0a119
 def true_rank(ranking, candidates, truth) -> int:
     "0-based position of `truth` in a full ranking (indices into `candidates`)."
     return [candidates[i] for i in ranking].index(truth)
@@ -145,10 +157,14 @@ def popularity_ranking(candidates, counts) -> list:
     "Candidate indices by decreasing popularity, ties in list order."
     return sorted(range(len(candidates)), key=lambda i: -counts.get(candidates[i], 0))
 
+# %% ../nbs/09_recsys.ipynb #32eea317
 def random_ranking(candidates, rng) -> list:
     "A random permutation of the candidate indices from `rng` (a `random.Random`)."
-    r = list(range(len(candidates))); rng.shuffle(r); return r
+    r = list(range(len(candidates)))
+    rng.shuffle(r)
+    return r
 
+# %% ../nbs/09_recsys.ipynb #f25b8228
 def baseline_metrics(users, cands, counts, ks=(1, 5, 10), seed:int=42) -> dict:
     "Popularity and random baseline metrics over `users` with their candidate lists."
     rng = random.Random(seed + 1)

@@ -4,15 +4,15 @@
 
 # %% ../nbs/08_sentiment.ipynb #793db8a8
 from __future__ import annotations
-import csv, importlib.util, json, math, re, time
+import csv, importlib.util, json, re, time
 from pathlib import Path
-from .core import (resolve_model, ensure_pad_token, run_dir, step_manifest, write_json, atomic_write,
-                        seed_everything, device_info)
+from .core import run_dir, step_manifest, write_json, atomic_write, seed_everything
+from .models import load_model, generate_batch
 
 # %% auto #0
 __all__ = ['LABELS', 'UNPARSEABLE', 'FPB_FILE', 'FPB_SAMPLE', 'SENTIMENT_PROMPT', 'REFERENCE', 'find_data', 'load_fpb',
            'balanced_split', 'sentiment_prompt', 'sft_examples', 'parse_sentiment', 'sentiment_metrics',
-           'plot_confusions', 'load_model', 'generate_batch', 'minimal_lora_sft', 'fine_tune', 'results_table']
+           'plot_confusions', 'fine_tune', 'results_table']
 
 # %% ../nbs/08_sentiment.ipynb #e401d52f
 def _pkg_dir() -> Path:
@@ -44,7 +44,8 @@ def load_fpb(path=None # CSV path; None = `find_data(FPB_FILE, FPB_SAMPLE)`
     for i, r in enumerate(rows, 1):
         if len(r) != 2: raise ValueError(f"{path}: row {i}: expected 2 fields `label,text`, got {len(r)}")
         label, text = r[0].strip().lower(), r[1].strip()
-        if label not in LABELS: raise ValueError(f"{path}: row {i}: unknown label {r[0]!r} (expected one of {', '.join(LABELS)})")
+        if label not in LABELS:
+            raise ValueError(f"{path}: row {i}: unknown label {r[0]!r} (expected one of {', '.join(LABELS)})")
         if not text: raise ValueError(f"{path}: row {i}: empty text")
         out.append((label, text))
     if not out: raise ValueError(f"{path}: no rows")
@@ -62,7 +63,8 @@ def balanced_split(df, n_train:int=300, n_test:int=300, seed:int=42):
         if len(idx) < n_train + n_test:
             raise ValueError(f"label {lab!r}: {len(idx)} unique sentences, need n_train+n_test = {n_train+n_test}")
         idx = rng.permutation(idx)
-        tr.append(idx[:n_train]); te.append(idx[n_train:n_train+n_test])
+        tr.append(idx[:n_train])
+        te.append(idx[n_train:n_train+n_test])
     pick = lambda parts: df.loc[rng.permutation(np.concatenate(parts))].reset_index(drop=True)
     return pick(tr), pick(te)
 
@@ -78,6 +80,7 @@ def sentiment_prompt(text:str, tok=None, system:str=None) -> str:
     msgs = ([dict(role="system", content=system)] if system else []) + [dict(role="user", content=q)]
     return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
 
+# %% ../nbs/08_sentiment.ipynb #7f2257a3
 def sft_examples(df, tok, system:str=None):
     "A prompt/completion `datasets.Dataset` (completion = label + EOS/EOT) for the SFT code."
     from datasets import Dataset
@@ -97,7 +100,8 @@ def parse_sentiment(answer:str) -> str:
 def sentiment_metrics(y_true, y_pred, labels=LABELS) -> dict:
     "Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (columns: labels + unparseable)."
     y_true, y_pred = list(y_true), list(y_pred)
-    if len(y_true) != len(y_pred) or not y_true: raise ValueError(f"need equal, non-empty lists: {len(y_true)} vs {len(y_pred)}")
+    if len(y_true) != len(y_pred) or not y_true:
+        raise ValueError(f"need equal, non-empty lists: {len(y_true)} vs {len(y_pred)}")
     cols = list(labels) + [UNPARSEABLE]
     for i, (t, p) in enumerate(zip(y_true, y_pred)):
         if t not in labels: raise ValueError(f"row {i}: true label {t!r} not in {labels}")
@@ -105,8 +109,11 @@ def sentiment_metrics(y_true, y_pred, labels=LABELS) -> dict:
     cm = [[sum(t == a and p == b for t, p in zip(y_true, y_pred)) for b in cols] for a in labels]
     per = {}
     for i, lab in enumerate(labels):
-        tp = cm[i][i]; pred_n = sum(row[i] for row in cm); sup = sum(cm[i])
-        prec = tp/pred_n if pred_n else 0.0; rec = tp/sup if sup else 0.0
+        tp = cm[i][i]
+        pred_n = sum(row[i] for row in cm)
+        sup = sum(cm[i])
+        prec = tp/pred_n if pred_n else 0.0
+        rec = tp/sup if sup else 0.0
         per[lab] = dict(precision=prec, recall=rec, f1=2*prec*rec/(prec+rec) if prec+rec else 0.0, support=sup)
     n = len(y_true)
     return dict(n=n, accuracy=sum(cm[i][i] for i in range(len(labels)))/n,
@@ -117,95 +124,44 @@ def sentiment_metrics(y_true, y_pred, labels=LABELS) -> dict:
 def plot_confusions(results:dict, # name -> `sentiment_metrics` dict
                     path, labels=LABELS):
     "Save the confusion matrices of `results` side by side to `path`."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(results), figsize=(4.6*len(results), 4), squeeze=False)
     for ax, (name, m) in zip(axes[0], results.items()):
         ax.imshow(m["confusion"], cmap="Blues", vmin=0)
         top = max(max(r) for r in m["confusion"]) or 1
         for i, row in enumerate(m["confusion"]):
-            for j, v in enumerate(row): ax.text(j, i, v, ha="center", va="center", color="white" if v > top/2 else "black")
-        ax.set_xticks(range(len(m["columns"])), m["columns"], rotation=30); ax.set_yticks(range(len(labels)), labels)
-        ax.set_xlabel("predicted"); ax.set_ylabel("true")
+            for j, v in enumerate(row): ax.text(j, i, v, ha="center", va="center",
+                                                color="white" if v > top/2 else "black")
+        ax.set_xticks(range(len(m["columns"])), m["columns"], rotation=30)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
         ax.set_title(f"{name}\nacc {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}")
     fig.tight_layout()
     with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/08_sentiment.ipynb #dc670c4c
-def load_model(name:str="embedded", dtype=None):
-    "Model and tokenizer for `name` (see `resolve_model`), on the best device, in eval mode, with a pad token."
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = resolve_model(name)
-    tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
-    dev = device_info()
-    dtype = dtype or (torch.bfloat16 if dev["bf16"] else torch.float32)
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return m.to(dev["device"]).eval(), tok
-
-def generate_batch(model, tok, prompts, batch_size:int=16, max_new_tokens:int=5, **gen) -> list:
-    "Greedy (unless `gen` says otherwise) completions of `prompts`, without the prompt."
-    import torch
-    tok.padding_side, out = "left", []
-    gen = dict(do_sample=False, **gen)
-    if not gen["do_sample"]: gen.update(temperature=None, top_p=None, top_k=None)
-    for i in range(0, len(prompts), batch_size):
-        enc = tok(list(prompts[i:i+batch_size]), return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **gen)
-        out += tok.batch_decode(ids[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-    return [o.strip() for o in out]
-
 # %% ../nbs/08_sentiment.ipynb #0d1ecbe0
-def minimal_lora_sft(model, dataset, out_dir, epochs:int=1, max_steps:int=-1, lr:float=2e-4,
-                     batch_size:int=4, lora_r:int=8, lora_alpha:int=16, seed:int=42, **_) -> dict:
-    "FALLBACK (used only when `anita.sft` is missing): LoRA on attention projections, completion-only loss; returns adapter/merged/log."
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    out_dir = Path(out_dir); seed_everything(seed)
-    path = resolve_model(model) if isinstance(model, str) else model
-    tok = ensure_pad_token(AutoTokenizer.from_pretrained(path))
-    m = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-                       LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
-    rows = [(tok(p, add_special_tokens=False).input_ids, tok(c, add_special_tokens=False).input_ids) for p, c in
-            zip(dataset["prompt"], dataset["completion"])]
-    log, step = [], 0
-    m.train()
-    total = max_steps if max_steps and max_steps > 0 else epochs * math.ceil(len(rows)/batch_size)
-    g = torch.Generator().manual_seed(seed)
-    while step < total:
-        order = torch.randperm(len(rows), generator=g).tolist()
-        for i in range(0, len(order), batch_size):
-            if step >= total: break
-            b = [rows[j] for j in order[i:i+batch_size]]; L = max(len(p)+len(c) for p, c in b)
-            ids = torch.full((len(b), L), tok.pad_token_id); lab = torch.full((len(b), L), -100); att = torch.zeros((len(b), L), dtype=torch.long)
-            for k, (p, c) in enumerate(b):
-                n = len(p)+len(c); ids[k, :n] = torch.tensor(p+c); att[k, :n] = 1; lab[k, len(p):n] = torch.tensor(c)
-            loss = m(input_ids=ids, attention_mask=att, labels=lab).loss
-            loss.backward(); opt.step(); opt.zero_grad(); step += 1
-            log.append(dict(step=step, loss=float(loss)))
-    m.save_pretrained(out_dir/"adapter"); tok.save_pretrained(out_dir/"adapter")
-    merged = m.merge_and_unload(); merged.save_pretrained(out_dir/"merged"); tok.save_pretrained(out_dir/"merged")
-    return dict(adapter=str(out_dir/"adapter"), merged=str(out_dir/"merged"), log=str(write_json(out_dir/"train_log.json", log)),
-                trainer="minimal_lora_sft (fallback)")
-
-def fine_tune(model, dataset, out_dir, **opts) -> dict:
-    "LoRA SFT of `model` on a prompt/completion `dataset` with `anita.sft.train_sft` (fallback: `minimal_lora_sft`); `opts` use its names (`lr`, `batch_size`, `lora_r`, ...)."
-    try: from anita.sft import train_sft
-    except ImportError: train_sft = None
-    if train_sft is None: return minimal_lora_sft(model, dataset, out_dir, **opts)
+def fine_tune(model,    # base model: name or folder (see `anita.models.load_model`)
+              dataset,  # prompt/completion `datasets.Dataset` (see `sft_examples`)
+              out_dir,  # where `train_sft` writes `adapter/`, `merged/` and its log
+              **opts    # `anita.sft.train_sft` options, in its names (`lr`, `batch_size`, `lora_r`, ...)
+             ) -> dict:
+    "LoRA SFT of `model` on `dataset` with `anita.sft.train_sft`, the recipe's own trainer."
+    from anita.sft import train_sft
     opts = dict(dict(packing=False, max_length=512, grad_accum=1, warmup_steps=0, logging_steps=1, save_steps=500,
-                     generate=False, datasets_used=("FinancialPhraseBank (Malo et al., 2014)",), step="08_sentiment"), **opts)
-    res = dict(train_sft(model, dataset, out_dir, **opts)); res.setdefault("trainer", "anita.sft.train_sft")
+                     generate=False, datasets_used=("FinancialPhraseBank (Malo et al., 2014)",), step="08_sentiment"),
+                **opts)
+    res = dict(train_sft(model, dataset, out_dir, **opts))
+    res.setdefault("trainer", "anita.sft.train_sft")
     return res
 
 # %% ../nbs/08_sentiment.ipynb #45e8c3ba
-REFERENCE = dict(model="Llama-3-8B (original example, QLoRA)", n_test=900, zero_shot_accuracy=0.334, fine_tuned_accuracy=0.871)
+REFERENCE = dict(model="Llama-3-8B (original example, QLoRA)", n_test=900, zero_shot_accuracy=0.334,
+                 fine_tuned_accuracy=0.871)
 
 def results_table(zero_shot:dict, fine_tuned:dict=None, model:str="", reference:dict=REFERENCE) -> str:
     "A markdown table: our zero-shot and fine-tuned figures next to the reference row."

@@ -50,7 +50,7 @@ class TransformersEngine:
             from anita.export import load_gguf
             self.model, self.tok = load_gguf(src)
         else:
-            from anita.sentiment import load_model
+            from anita.models import load_model
             self.model, self.tok = load_model(src)
         ensure_pad_token(self.tok)
         from anita.export import end_of_turn

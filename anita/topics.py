@@ -29,10 +29,12 @@ def read_table(path):
         if suf == ".json": return pd.read_json(p)
         if suf == ".csv": return pd.read_csv(p)
         if suf == ".parquet": return pd.read_parquet(p)
-        if suf == ".txt": return pd.DataFrame(dict(text=[l for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]))
+        if suf == ".txt":
+            return pd.DataFrame(dict(text=[l for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]))
     except ValueError as e: raise ValueError(f"{p}: cannot read as {suf} ({e})") from None
     raise ValueError(f"{p}: unsupported file type {suf!r} (use .jsonl, .json, .csv, .parquet or .txt)")
 
+# %% ../nbs/07_topics.ipynb #47f4b9e4
 def load_texts(path=None,             # data file; None = the shipped `topics_it.jsonl`
                text_column:str="text" # column holding the texts
               ):
@@ -44,7 +46,8 @@ def load_texts(path=None,             # data file; None = the shipped `topics_it
     if df.empty: raise ValueError(f"{p}: no rows")
     texts = []
     for i, t in enumerate(df[text_column]):
-        if not isinstance(t, str) or not t.strip(): raise ValueError(f"{p}: row {i}: column {text_column!r} is empty or not text")
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"{p}: row {i}: column {text_column!r} is empty or not text")
         texts.append(t.strip())
     return texts, df
 
@@ -65,13 +68,16 @@ def build_topic_model(n_neighbors:int=5, n_components:int=10, min_topic_size:int
     from sklearn.feature_extraction.text import CountVectorizer
     from umap import UMAP
     umap = UMAP(n_neighbors=n_neighbors, n_components=n_components, min_dist=0.0, metric="cosine", random_state=seed)
-    hdb = HDBSCAN(min_cluster_size=min_topic_size, metric="euclidean", cluster_selection_method="eom", prediction_data=True)
+    hdb = HDBSCAN(min_cluster_size=min_topic_size, metric="euclidean", cluster_selection_method="eom",
+                  prediction_data=True)
     vec = CountVectorizer(stop_words=list(stop_words) if stop_words else None, token_pattern=r"(?u)\b[^\W\d_]{3,}\b")
     # language="multilingual": BERTopic's "english" default strips every non-ASCII character (caffè -> caff) before c-TF-IDF;
     # it only otherwise picks the default embedding model, unused here since embeddings are always passed in
-    return BERTopic(language="multilingual", umap_model=umap, hdbscan_model=hdb, vectorizer_model=vec, min_topic_size=min_topic_size,
+    return BERTopic(language="multilingual", umap_model=umap, hdbscan_model=hdb, vectorizer_model=vec,
+                    min_topic_size=min_topic_size,
                     top_n_words=top_n_words, calculate_probabilities=False)
 
+# %% ../nbs/07_topics.ipynb #f7631099
 def fit_topics(texts:list, embeddings, n_neighbors:int=5, n_components:int=10, min_topic_size:int=5, seed:int=42, **kw):
     "Fit `build_topic_model` on `texts` with precomputed `embeddings`; returns `(topic_model, topics)`."
     need = max(n_neighbors + 2, n_components + 2, 2*min_topic_size)
@@ -106,6 +112,7 @@ def label_prompt(keywords:list, docs:list, template:str=LABEL_PROMPT) -> str:
     "The labelling prompt for one topic."
     return template.format(keywords=", ".join(keywords), docs="\n".join(f"- {d}" for d in docs))
 
+# %% ../nbs/07_topics.ipynb #f1b1647a
 def clean_label(text:str, max_words:int=6) -> str:
     "First line of an LLM answer (or its quoted phrase), without list markers, `Etichetta:` or `Il tema ... è`, at most `max_words` words."
     line = next((l for l in (text or "").splitlines() if l.strip()), "")
@@ -117,6 +124,7 @@ def clean_label(text:str, max_words:int=6) -> str:
     line = line.strip(" \"'`*«»“”.-:")
     return " ".join(line.split()[:max_words])
 
+# %% ../nbs/07_topics.ipynb #a19f81a9
 def llm_topic_labels(topic_model, generate, n_keywords:int=6, n_docs:int=3, max_new_tokens:int=12) -> dict:
     """`{topic: {'label', 'source', 'raw'}}` for every non-outlier topic: `raw` is the LLM's answer, `source` is `llm`,
     or `keywords` when nothing was left of the answer after `clean_label` (then the top keywords are the label)."""
@@ -137,13 +145,15 @@ def topic_table(topic_model, labels:dict=None, n_docs:int=3):
     rows = []
     for _, r in info.iterrows():
         t = int(r["Topic"])
-        d = (labels or {}).get(t) or dict(label="outliers" if t == -1 else r["Name"], source="none" if t == -1 else "bertopic")
+        d = (labels or {}).get(t) or dict(label="outliers" if t == -1 else r["Name"],
+                                          source="none" if t == -1 else "bertopic")
         lab, src = d["label"], d["source"]
         kws = [w for w, _ in (topic_model.get_topic(t) or [])]
         rows.append(dict(topic=t, count=int(r["Count"]), label=lab, label_source=src, keywords=" ".join(kws),
                          representative_docs=" | ".join((topic_model.get_representative_docs(t) or [])[:n_docs]) if t != -1 else ""))
     return pd.DataFrame(rows)
 
+# %% ../nbs/07_topics.ipynb #155b4dc0
 def agreement(topics:list, classes:list) -> dict:
     "ARI between topics and known classes, purity over clustered texts, and the outlier share."
     from collections import Counter
@@ -151,33 +161,41 @@ def agreement(topics:list, classes:list) -> dict:
     if len(topics) != len(classes): raise ValueError(f"{len(topics)} topics for {len(classes)} classes")
     pairs = [(t, c) for t, c in zip(topics, classes) if t != -1]
     maj = {t: Counter(c for tt, c in pairs if tt == t).most_common(1)[0][1] for t in set(t for t, _ in pairs)}
-    return dict(ari=round(float(adjusted_rand_score(classes, topics)), 4), purity=round(sum(maj.values())/len(pairs), 4) if pairs else 0.0,
+    return dict(ari=round(float(adjusted_rand_score(classes, topics)), 4),
+                purity=round(sum(maj.values())/len(pairs), 4) if pairs else 0.0,
                 outlier_share=round(1 - len(pairs)/len(topics), 4))
 
 # %% ../nbs/07_topics.ipynb #d2c963ce
 def plot_topic_sizes(table, path, title:str="Topic sizes"):
     "A horizontal bar chart (PNG) of topic sizes with their labels; the outliers in grey."
-    import matplotlib; matplotlib.use("Agg")
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     t = table.sort_values("count")
     fig, ax = plt.subplots(figsize=(7, 0.45*len(t) + 1.2))
     ax.barh([f"{r.topic}: {r.label}"[:45] for r in t.itertuples()], t["count"],
             color=["#bbbbbb" if x == -1 else "#3b7dd8" for x in t["topic"]])
-    ax.set_xlabel("texts"); ax.set_title(title); fig.tight_layout()
+    ax.set_xlabel("texts")
+    ax.set_title(title)
+    fig.tight_layout()
     with atomic_write(path, "wb") as f: fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
     return Path(path)
 
+# %% ../nbs/07_topics.ipynb #00fb0aff
 def save_figures(topic_model, out_dir, texts:list, embeddings, seed:int=42) -> tuple:
     """The standard BERTopic figures as HTML files (plotly.js written once as `plotly.min.js` next to them, so they open offline).
     Returns `(saved, skipped)`: `{name: path}` and `{name: reason}` for figures BERTopic cannot draw for this model."""
     from umap import UMAP
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     n = len([t for t in topic_model.get_topics() if t != -1])
-    reduced = UMAP(n_neighbors=min(15, len(texts)-1), n_components=2, min_dist=0.0, metric="cosine", random_state=seed).fit_transform(embeddings)
+    reduced = UMAP(n_neighbors=min(15, len(texts)-1), n_components=2, min_dist=0.0, metric="cosine",
+                   random_state=seed).fit_transform(embeddings)
     figs = dict(barchart=lambda: topic_model.visualize_barchart(top_n_topics=n, custom_labels=True),
                 topics=lambda: topic_model.visualize_topics(custom_labels=True),
-                documents=lambda: topic_model.visualize_documents(texts, reduced_embeddings=reduced, custom_labels=True),
+                documents=lambda: topic_model.visualize_documents(texts, reduced_embeddings=reduced,
+                                                                  custom_labels=True),
                 hierarchy=lambda: topic_model.visualize_hierarchy(custom_labels=True),
                 heatmap=lambda: topic_model.visualize_heatmap(custom_labels=True),
                 term_rank=lambda: topic_model.visualize_term_rank(custom_labels=True))
@@ -185,7 +203,9 @@ def save_figures(topic_model, out_dir, texts:list, embeddings, seed:int=42) -> t
     for name, make in figs.items():
         try: fig = make()
         except Exception as e:  # e.g. too few topics for the intertopic map or the hierarchy
-            skipped[name] = f"{type(e).__name__}: {e}"[:300]; print(f"figure {name!r} not drawn: {skipped[name]}"); continue
+            skipped[name] = f"{type(e).__name__}: {e}"[:300]
+            print(f"figure {name!r} not drawn: {skipped[name]}")
+            continue
         p = out_dir/f"{name}.html"
         fig.write_html(p, include_plotlyjs="directory")
         saved[name] = p

@@ -3,7 +3,7 @@ import csv, json, shutil
 from pathlib import Path
 import pytest
 
-from anita import eval as ev
+from anita import eval as ev, eval_harness
 from anita.core import read_json, read_manifest, write_json
 
 
@@ -105,7 +105,7 @@ def test_bad_paper_table_is_named(tmp_path, monkeypatch):
     rows = (tmp_path/"paper"/"table2_it.csv").read_text().splitlines()
     rows[3] = rows[3].replace(",0.572,", ",,")
     (tmp_path/"paper"/"table2_it.csv").write_text("\n".join(rows) + "\n")
-    monkeypatch.setattr(ev, "EVALTASKS_DIR", tmp_path/"evaltasks")
+    monkeypatch.setattr(eval_harness, "EVALTASKS_DIR", tmp_path/"evaltasks")
     with pytest.raises(ValueError, match=r"table2_it.csv, row 4: a cell without a value"): ev.paper_table("it")
 
 
@@ -155,7 +155,7 @@ def test_empty_results_file(tmp_path):
 
 
 def test_vllm_missing_is_clear(monkeypatch):
-    monkeypatch.setattr(ev, "_has_vllm", lambda: False)
+    monkeypatch.setattr(eval_harness, "_has_vllm", lambda: False)
     with pytest.raises(ImportError, match="backend='vllm' needs the `vllm` package"):
         ev.make_lm("embedded", backend="vllm")
 
