@@ -9,8 +9,9 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'PARAM_RULES', 'RecipeError', 'UsageError', 'check_name', 'recipes_dir', 'find_recipe',
-           'default_nbs_dir', 'check_step_refs', 'load_recipe', 'step_dirs', 'fill', 'notebook_params', 'check_param',
-           'check_range', 'parse_set', 'local_path', 'apply_sets', 'select_steps', 'check_recipe_params', 'list_steps']
+           'default_nbs_dir', 'check_step_refs', 'load_recipe', 'step_dirs', 'fill_steps', 'fill', 'notebook_params',
+           'check_param', 'check_range', 'parse_set', 'local_path', 'apply_sets', 'select_steps', 'check_recipe_params',
+           'list_steps']
 
 # %% ../nbs/11a_recipe.ipynb #095a8595
 RECIPE_KEYS = ("name", "description", "nbs_dir", "slurm", "steps")
@@ -114,20 +115,27 @@ def load_recipe(recipe:str|Path,        # name or path
     return dict(name=str(raw.get("name") or path.stem), path=str(path), description=raw.get("description", ""),
                 nbs_dir=str(nbs), slurm=dict(raw.get("slurm") or {}), steps=out)
 
-# %% ../nbs/11a_recipe.ipynb #ea5d675b
+# %% ../nbs/11a_recipe.ipynb #3ab5a582
 def step_dirs(recipe:dict) -> dict:
     "`{step name: folder name}` of a loaded recipe."
     return {n: s["dir"] for n, s in recipe["steps"].items()}
 
-def fill(v, root, run, dirs:dict=None):
-    "Replace `{steps.NAME}` (with `dirs`, `{step: folder}`), then `{root}` and `{run}`, in strings, recursively in lists and dicts."
-    if isinstance(v, list): return [fill(x, root, run, dirs) for x in v]
-    if isinstance(v, dict): return {k: fill(x, root, run, dirs) for k, x in v.items()}
+def fill_steps(v, dirs:dict):
+    "Replace `{steps.NAME}` with `{root}/{run}/<folder of NAME>` (`dirs`: `{step: folder}`) in strings, recursively in lists and dicts."
+    if isinstance(v, list): return [fill_steps(x, dirs) for x in v]
+    if isinstance(v, dict): return {k: fill_steps(x, dirs) for k, x in v.items()}
     if not isinstance(v, str): return v
     def _dir(m):
         if m[1] not in (dirs or {}): raise RecipeError(f"{m[0]}: no step {m[1]!r} (steps: {', '.join(dirs or {})})")
         return f"{{root}}/{{run}}/{dirs[m[1]]}"
-    return _STEP_REF.sub(_dir, v).replace("{root}", str(root)).replace("{run}", str(run))
+    return _STEP_REF.sub(_dir, v)
+
+def fill(v, root, run, dirs:dict=None):
+    "Replace `{steps.NAME}` (with `dirs`, `{step: folder}`), then `{root}` and `{run}`, in strings, recursively in lists and dicts."
+    v = fill_steps(v, dirs)
+    if isinstance(v, list): return [fill(x, root, run) for x in v]
+    if isinstance(v, dict): return {k: fill(x, root, run) for k, x in v.items()}
+    return v.replace("{root}", str(root)).replace("{run}", str(run)) if isinstance(v, str) else v
 
 # %% ../nbs/11a_recipe.ipynb #6e0b81dd
 _TYPES = dict(int=int, float=float, str=str, bool=bool, list=list, dict=dict, tuple=tuple)
@@ -270,6 +278,9 @@ def check_recipe_params(recipe:dict, names) -> None:
             st["params"][k] = check_range(k, check_param(v, schema[k], f"{recipe['path']}: {n}.{k}"), f"{recipe['path']}: {n}.{k}")
         if st["shards"] and st["shards"]["param"] not in schema:
             raise RecipeError(f"{recipe['path']}: step {n!r}: shards.param {st['shards']['param']!r} is not a parameter of {nb.name}")
+        if st["dir"] != nb.stem and "step_dir" not in schema:
+            raise RecipeError(f"{recipe['path']}: step {n!r}: {nb.name} has no `step_dir` parameter, so it cannot be given "
+                              f"folder {st['dir']!r} (it writes {nb.stem}/): leave `dir` out, or give the notebook a `step_dir`")
 
 def list_steps(recipe:dict) -> str:
     "One tab-separated line per step: name, folder, notebook, number of shards, then the step's slurm values as k=v."

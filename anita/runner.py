@@ -9,7 +9,7 @@ from fastcore.basics import patch
 from pathlib import Path
 from .core import atomic_write, write_json
 from .recipe import (RecipeError, UsageError, check_name, load_recipe, notebook_params, apply_sets, select_steps,
-                          check_recipe_params, fill, step_dirs)
+                          check_recipe_params, fill, fill_steps, step_dirs)
 from .runstate import (_load, _now, _fmt_s, _readable, _update_manifest, _update_state, _rank, step_status, manifest_token,
                             input_paths, input_fingerprint, step_fingerprint, step_paths, _stage, _restore, _swap_in,
                             _check_folders, run_lock, gather_shards)
@@ -104,9 +104,8 @@ def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True,
     m, problem = step_status(sd)
     if problem and not rank:
         fail(f"the notebook ended without a completed manifest with all its outputs: {problem}")
-        hint = "" if give_dir else f"; {nb.name} has no `step_dir` parameter, so it cannot be given folder {step['dir']!r}"
         raise StepError(f"step {step['name']!r}: {nb} ran to the end but did not write a completed manifest listing outputs "
-                        f"it wrote in {sd} ({problem}; use anita.core.step_manifest{hint})\n  executed notebook: {out_nb}\n  log: {logf}")
+                        f"it wrote in {sd} ({problem}; use anita.core.step_manifest)\n  executed notebook: {out_nb}\n  log: {logf}")
     if not rank:
         _update_manifest(sd, pipeline=dict(info, elapsed_s=round(time.time()-t0, 1), finished_at=_now()))   # the notebook rewrote the manifest
         _update_state(rd, tag, status="completed", elapsed_s=round(time.time()-t0, 1), finished_at=_now())
@@ -159,7 +158,7 @@ class _Walk:
         if self.shard is not None: params[st["shards"]["param"]] = st["shards"]["values"][self.shard]
         ins = input_paths(params, self.cwd, own=[sd, stage])
         inputs = {str(p.relative_to(self.rdr) if self.rdr in p.parents else p): input_fingerprint(p, self.cache) for p in ins.values()}
-        fp = step_fingerprint(Path(self.rec["nbs_dir"])/st["notebook"], st["params"], up, inputs)   # moving the runs root reruns nothing
+        fp = step_fingerprint(Path(self.rec["nbs_dir"])/st["notebook"], fill_steps(st["params"], self.dirs), up, inputs)   # moving the runs root reruns nothing
         if not self.dry_run and not self.rank:
             _readable(write_json(self.rd/".fingerprints.json", {k: v for k, v in self.cache.items() if Path(k).exists()}))
         return fp, ins
