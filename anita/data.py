@@ -380,9 +380,10 @@ def run_data_step(run:str="nbtest", root="runs",
                   n_heldout_sft:int=0, n_heldout_dpo:int=0,
                   n_heldout_ita:int=0,  # rows held out of training (`heldout/`)
                   en_source=None,
-                  n_heldout_en:int=0) -> dict:                   # English paragraphs (None: the shipped sample)
-    "Prepare SFT, DPO and Italian data (and held-out splits) into `run_dir(run, '01_data', root)`; returns the report."
-    step = run_dir(run, "01_data", root)
+                  n_heldout_en:int=0,   # English paragraphs (None: the shipped sample)
+                  step_dir=None) -> dict:  # the step's folder (None: `run_dir(run, '01_data', root)`)
+    "Prepare SFT, DPO and Italian data (and held-out splits) into `step_dir`; returns the report."
+    step = Path(step_dir) if step_dir else run_dir(run, "01_data", root)
     srcs = dict(sft=sft_source or str(sample_path("sft")), dpo=dpo_source or str(sample_path("dpo")),
                 ita=ita_source or str(sample_path("ita")))
     decontaminate = eval_texts(decontaminate)

@@ -239,10 +239,10 @@ READ_RECIPE = RECIPE.replace("notebook: 01_data.ipynb\n    params: {n: 3}", "not
 @pytest.fixture
 def reader(fake, tmp_path):
     "The fake recipe whose data step counts the lines of a file or a folder of files (`src`)."
-    fake_nb(fake/"01_read.ipynb", 'run = "nbtest"\nroot = "runs"\nsrc = None', '''
+    fake_nb(fake/"01_read.ipynb", 'run = "nbtest"\nroot = "runs"\nstep_dir = None\nsrc = None', '''
         from pathlib import Path
         from anita.core import run_dir, step_manifest, write_json
-        sd = run_dir(run, "01_data", root); p = Path(src)
+        sd = Path(step_dir) if step_dir else run_dir(run, "01_read", root); p = Path(src)
         with step_manifest(sd, "01_data", dict(src=src)) as outs:
             n = sum(len(f.read_text().splitlines()) for f in ([p] if p.is_file() else sorted(p.glob("*.txt"))))
             outs.append(write_json(sd/"report.json", dict(rows=n)))''')
@@ -428,3 +428,55 @@ def test_step_notebooks_write_only_their_own_folder():
             if c["cell_type"] != "code" or _FLAG.search(src): continue   # flagged cells are left out of pipeline runs
             for m in re.finditer(r"run_dir\(\s*run\s*,\s*([^,)]+)", src):
                 assert ast.literal_eval(m.group(1)) == st["dir"], f"{st['notebook']}: a cell writes {m.group(0)}... into the run folder"
+
+# --- issue 14: the recipe owns the step folders ---
+
+def test_renamed_folders_fake(fake, tmp_path):
+    "A step renamed with `dir:` writes that folder (its notebook gets `step_dir`); `{steps.NAME}` follows it; a notebook without `step_dir` cannot be renamed."
+    y = fake/"renamed.yaml"
+    y.write_text(RECIPE.replace("notebook: 01_data.ipynb", "notebook: 01_read.ipynb\n    dir: rows").replace("params: {n: 3}", f"params: {{src: {fake/'recipe.yaml'}}}")
+                 .replace('"{root}/{run}/01_data"', '"{steps.data}"').replace('"{root}/{run}/02_train"', '"{steps.train}"'))
+    fake_nb(fake/"01_read.ipynb", 'run = "nbtest"\nroot = "runs"\nstep_dir = None\nsrc = None', '''
+        from pathlib import Path
+        from anita.core import run_dir, step_manifest, write_json
+        sd = Path(step_dir) if step_dir else run_dir(run, "01_read", root)
+        with step_manifest(sd, "01_read", dict(src=src)) as outs:
+            outs.append(write_json(sd/"report.json", dict(rows=len(Path(src).read_text().splitlines()))))''')
+    rd = tmp_path/"runs"/"r"
+    assert _runr(y, tmp_path) == dict(data="ran", train="ran", eval="ran")
+    assert sorted(p.name for p in rd.iterdir() if p.is_dir()) == ["02_train", "03_eval", "logs", "rows"]
+    assert read_json(rd/"02_train/report.json")["rows"] == len((fake/"recipe.yaml").read_text().splitlines())
+    assert "[rows.ipynb](rows.ipynb)" in (rd/"report.md").read_text()
+    assert _runr(y, tmp_path) == dict(data="skipped", train="skipped", eval="skipped")
+    # the same folder named the old way is the same input: nothing reruns
+    assert _runr(y, tmp_path, sets=[f"train.data_dir={{root}}/{{run}}/rows"]) == dict(data="skipped", train="skipped", eval="skipped")
+    (fake/"renamed_train.yaml").write_text(y.read_text().replace("notebook: 02_train.ipynb", "notebook: 02_train.ipynb\n    dir: trained"))
+    with pytest.raises(RecipeError, match="02_train.ipynb has no `step_dir` parameter, so it cannot be given folder 'trained'"):
+        _runr(fake/"renamed_train.yaml", tmp_path)
+    (fake/"bad_ref.yaml").write_text(y.read_text().replace("{steps.train}", "{steps.trian}"))
+    with pytest.raises(RecipeError, match=r"step 'eval': \{steps.trian\} names no step"): load_recipe(fake/"bad_ref.yaml")
+
+def test_no_step_folder_names_in_the_recipes():
+    "The shipped recipes chain their steps with `{steps.NAME}`, never with a folder name."
+    for name in ("tiny", "paper"):
+        text = (ROOT/"anita"/"recipes"/f"{name}.yaml").read_text()
+        assert not re.search(r"\{run\}/\d\d_", text), name
+        assert "{steps.sft}/merged" in text and "{steps.data}" in text
+
+def test_renamed_data_folder_real_steps(tmp_path):
+    "The tiny recipe's data, sft and dpo steps (real notebooks, sizes shrunk) with the data step's folder renamed: the run completes."
+    import yaml
+    tiny = yaml.safe_load((ROOT/"anita"/"recipes"/"tiny.yaml").read_text())
+    tiny["steps"] = {k: tiny["steps"][k] for k in ("data", "sft", "dpo")}
+    tiny["steps"]["data"]["dir"] = "prepared"
+    tiny["nbs_dir"] = str(ROOT/"nbs")
+    (tmp_path/"renamed.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
+    sizes = ["sft.max_steps=2", "sft.save_steps=2", "sft.gen_max_new_tokens=4", "dpo.max_steps=2", "dpo.save_steps=2",
+             "dpo.gen_max_new_tokens=4"]
+    assert run_recipe(tmp_path/"renamed.yaml", run="r", root=tmp_path/"runs", sets=sizes, progress=False, log=lambda s: None) == \
+        dict(data="ran", sft="ran", dpo="ran")
+    rd = tmp_path/"runs"/"r"
+    assert sorted(p.name for p in rd.iterdir() if p.is_dir()) == ["02_sft", "03_dpo", "logs", "prepared"]
+    for d in ("prepared", "02_sft", "03_dpo"): assert read_json(rd/d/"manifest.json")["status"] == "completed", d
+    assert read_json(rd/"02_sft/manifest.json")["params"]["data_dir"] == str(rd/"prepared")
+    assert read_json(rd/"03_dpo/manifest.json")["params"]["model"] == str(rd/"02_sft"/"merged")
