@@ -295,7 +295,7 @@ def _fix_ends(ids, tok, lead=True, tail=True):
 
 def tokenize_lm(ds,                # `datasets.Dataset` with `prompt`+`completion`, or `text`
                 tok,               # the tokenizer
-                max_length:int=8192, # longer sequences are truncated (counted in the report)
+                max_length:int=TrainStepConfig.max_length, # longer sequences are truncated (counted in the report)
                 completion_only:bool=None # loss on the completion only (default: True for prompt/completion rows)
                ):
     "Tokenize rows into `input_ids`/`labels` (see above); returns `(dataset, report)`."
@@ -402,9 +402,9 @@ def packing_throughput(model, tok, tds, max_length:int, batch_size:int, bf16:boo
 def _cdiv(a, b): return -(-a // b)
 
 def batch_plan(row_lengths:list,          # tokens of each (tokenized, truncated) row
-               batch_size:int=16,          # the recipe's rows per device per micro-batch (unpacked)
-               grad_accum:int=8,           # the recipe's accumulation steps
-               max_length:int=8192,        # tokens per (packed) row
+               batch_size:int=TrainStepConfig.batch_size, # the recipe's rows per device per micro-batch (unpacked)
+               grad_accum:int=TrainStepConfig.grad_accum, # the recipe's accumulation steps
+               max_length:int=TrainStepConfig.max_length, # tokens per (packed) row
                packed_lengths:list=None,   # tokens of each packed row (None: no packing)
                epochs:float=1, max_steps:int=-1, warmup_steps:float=0,
                tokens_per_step:int=None,   # real tokens per optimizer step (default: the unpacked batch's)
@@ -597,8 +597,9 @@ This model is a derivative of `{base}` and inherits its license (the Meta Llama 
 Apache-2.0 for SmolLM2). The training data keep their own licenses.
 """
 
-def generation_check(model, tok, prompts=GEN_PROMPTS, max_new_tokens:int=512, temperature:float=0.6, top_p:float=0.9,
-                     seed:int=42, system:str=ANITA_SYSTEM_PROMPT) -> list:
+def generation_check(model, tok, prompts=GEN_PROMPTS, max_new_tokens:int=TrainStepConfig.gen_max_new_tokens,
+                     temperature:float=TrainStepConfig.gen_temperature, top_p:float=TrainStepConfig.gen_top_p,
+                     seed:int=TrainStepConfig.seed, system:str=ANITA_SYSTEM_PROMPT) -> list:
     "Answer fixed Italian/English prompts with the ANITA system prompt (seeded sampling); returns `[{prompt, answer}]`."
     import torch
     model.eval(); out = []
