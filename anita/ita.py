@@ -4,24 +4,36 @@
 
 # %% ../nbs/04_ita.ipynb #40253a75
 from __future__ import annotations
-from .sft import SFT_PAPER, train_sft, load_step_data, loss_table, prepare_backend
+from dataclasses import asdict, dataclass
+from .sft import (SFTStepConfig, Stage, param, fit, notebook_config, sft_data, load_step_data, loss_table,
+                       prepare_backend)
 from .core import run_dir, step_manifest, read_json
 
 # %% auto #0
-__all__ = ['ITA_PAPER', 'train_ita']
+__all__ = ['ITA_STAGE', 'ITAStepConfig', 'train_ita']
 
 # %% ../nbs/04_ita.ipynb #d78e2a4f
-ITA_PAPER = {**SFT_PAPER, **dict(epochs=3, lr=2e-4)}
+@dataclass
+class ITAStepConfig(SFTStepConfig):
+    "The Italian adaptation: the SFT step's fields and defaults, but for these."
+    model: str = param(None, "pipeline", "the DPO step's merged model")
+    epochs: float = param(3, "paper", "3 epochs over 100k mC4-it documents")
+    lr: float = param(2e-4, "paper", "peak learning rate")
+    completion_only: bool = param(False, "paper", "raw text: the loss on every token")
 
-def train_ita(model:str,          # the DPO step's merged model (`{root}/{run}/03_dpo/merged`)
+# %% ../nbs/04_ita.ipynb #5d2c5286
+ITA_STAGE = Stage("04_ita", ITAStepConfig, "sft", sft_data, datasets=("gsarti/clean_mc4_it",))
+
+def train_ita(model:str,          # the DPO step's merged model (the pipeline passes it)
               dataset,            # `datasets.Dataset` with a `text` column
               out_dir,
               resume:bool=True, generate:bool=True, merge:bool=True,
-              datasets_used=("gsarti/clean_mc4_it",), step:str="04_ita",
-              **opts              # recipe values: see `ITA_PAPER` (defaults)
+              datasets_used=None, # named in the model card (default: mC4-it)
+              step:str=None,      # the label in the report and card (default: `04_ita`)
+              **opts              # `ITAStepConfig` fields (defaults: the paper's)
              ) -> dict:
     "Continued training on raw Italian text with the SFT code (loss on every token); returns paths and the `report`."
     if "text" not in dataset.column_names:
         raise ValueError(f"Italian adaptation dataset has columns {sorted(dataset.column_names)}: expected `text`")
-    return train_sft(model, dataset.select_columns(["text"]), out_dir, resume, generate, merge, datasets_used, step,
-                     **{**{k: v for k, v in ITA_PAPER.items() if k != "model"}, **opts, "completion_only": False})
+    text = dataset.select_columns(["text"])
+    return fit(ITA_STAGE, model, text, out_dir, resume, generate, merge, datasets_used, step, **opts)

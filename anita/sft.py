@@ -5,30 +5,107 @@
 # %% ../nbs/02_sft.ipynb #eeaf4c87
 from __future__ import annotations
 import contextlib, csv, json, math, os, resource, shutil, time, warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import util as importlib_util
 from pathlib import Path
 from .core import (PAPER_BASE, ANITA_SYSTEM_PROMPT, atomic_dir, atomic_write, write_json, read_json, seed_everything,
                         device_info, fingerprint, resolve_model, ensure_pad_token, run_dir, step_manifest)
 
 # %% auto #0
-__all__ = ['LORA_TARGETS', 'SFT_PAPER', 'GEN_PROMPTS', 'GEN_PAPER', 'CPU_MAX_PARAMS', 'PATCHED_BY_UNSLOTH', 'estimate_params',
-           'cuda_diagnosis', 'pick_backend', 'import_order_problems', 'prepare_backend', 'require_model_input',
-           'lora_config', 'local_device_map', 'pick_attn', 'load_for_training', 'tokenize_lm', 'token_checks',
-           'batch_stats', 'cpu_bf16', 'packing_throughput', 'batch_plan', 'plan_text', 'AnitaTrainerMixin',
-           'latest_checkpoint', 'prepare_resume', 'write_train_log', 'oom_guard', 'merge_adapter', 'save_merged',
-           'model_card', 'generation_check', 'TorchLogProbs', 'ensure_logprob_kernel', 'train_args', 'world_size',
-           'fit', 'packed_lengths', 'train_sft', 'load_step_data', 'loss_table']
+__all__ = ['LORA_TARGETS', 'GEN_PROMPTS', 'SOURCES', 'TRL_NAMES', 'CPU_MAX_PARAMS', 'PATCHED_BY_UNSLOTH', 'TRAINER_KEYS',
+           'SFT_STAGE', 'param', 'TrainStepConfig', 'SFTStepConfig', 'step_config', 'notebook_config', 'config_table',
+           'estimate_params', 'cuda_diagnosis', 'pick_backend', 'import_order_problems', 'prepare_backend',
+           'require_model_input', 'lora_config', 'local_device_map', 'pick_attn', 'load_for_training', 'tokenize_lm',
+           'token_checks', 'batch_stats', 'cpu_bf16', 'packing_throughput', 'batch_plan', 'plan_text',
+           'AnitaTrainerMixin', 'latest_checkpoint', 'prepare_resume', 'write_train_log', 'oom_guard', 'merge_adapter',
+           'save_merged', 'model_card', 'generation_check', 'TorchLogProbs', 'ensure_logprob_kernel',
+           'resolve_report_to', 'train_args', 'Stage', 'world_size', 'load_model', 'drop_ref_adapter', 'make_trainer',
+           'run_training', 'save_adapter_and_logs', 'peak_memory_gb', 'train_report', 'save_merged_with_card',
+           'run_generations', 'fit', 'packed_lengths', 'sft_plan', 'sft_data', 'train_sft', 'load_step_data',
+           'loss_table']
 
 # %% ../nbs/02_sft.ipynb #a38af2c1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SFT_PAPER = dict(model=PAPER_BASE, load_in_4bit=True, lora_r=16, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                 use_rslora=False, gradient_checkpointing=True, max_length=8192, batch_size=16, grad_accum=8, lr=2e-4,
-                 lr_scheduler="linear", warmup_steps=100, weight_decay=0.01, optim="paged_adamw_8bit", seed=42, epochs=1,
-                 max_steps=-1, packing=True, save_steps=100, save_total_limit=2, logging_steps=10)
 GEN_PROMPTS = ("Chi era Dante Alighieri? Rispondi in due frasi.",
                "Scrivi una breve ricetta per la pasta al pomodoro.",
                "What is the capital of Italy, and why is it famous?")
-GEN_PAPER = dict(max_new_tokens=512, temperature=0.6, top_p=0.9, seed=42)
+SOURCES = dict(paper="Polignano et al. 2024", scripts="the authors' published training scripts",
+               anita="anita's choice (the paper and the scripts are silent, or anita runs differently)",
+               pipeline="the pipeline's (a previous step's output)")
+
+def param(default, source:str, doc:str=""):
+    "A config field: its `default`, where the default comes from (a key of `SOURCES`) and what it means."
+    if source not in SOURCES: raise ValueError(f"source={source!r}: expected one of {', '.join(SOURCES)}")
+    return field(default=default, metadata=dict(source=source, doc=doc))
+
+# %% ../nbs/02_sft.ipynb #1b6aace8
+@dataclass
+class TrainStepConfig:
+    "What the SFT, DPO and Italian steps share; the defaults are the paper's SFT step (each field's `source`: whose)."
+    model: str = param(PAPER_BASE, "paper", "model to train: Hub id, local folder, `embedded` or `tiny-llama3`")
+    backend: str = param("auto", "anita", "auto | unsloth | hf | cpu (the paper trains with unsloth)")
+    load_in_4bit: bool = param(True, "paper", "QLoRA: the base model in 4 bits (GPU backends only)")
+    lora_r: int = param(16, "scripts", "LoRA rank")
+    lora_alpha: int = param(8, "scripts", "LoRA alpha")
+    lora_dropout: float = param(0.0, "scripts", "LoRA dropout")
+    use_rslora: bool = param(False, "scripts", "rank-stabilised LoRA scaling")
+    target_modules: tuple = param(LORA_TARGETS, "scripts", "the projections LoRA adapts: all attention and MLP ones")
+    max_length: int = param(8192, "scripts", "tokens per (packed) sequence (`max_seq_length`)")
+    batch_size: int = param(16, "scripts", "rows per device per micro-batch")
+    grad_accum: int = param(8, "scripts", "micro-batches per optimizer step")
+    lr: float = param(2e-4, "scripts", "peak learning rate")
+    lr_scheduler: str = param("linear", "scripts", "learning-rate schedule")
+    warmup_steps: float = param(100, "scripts", "warm-up steps, or a ratio of all steps when < 1")
+    weight_decay: float = param(0.01, "scripts", "AdamW weight decay")
+    optim: str = param("paged_adamw_8bit", "scripts", "optimizer (on the CPU: torch AdamW for 8-bit and paged ones)")
+    epochs: float = param(1, "paper", "passes over the data")
+    max_steps: int = param(-1, "anita", "optimizer steps; -1: whole epochs")
+    gradient_checkpointing: bool = param(True, "scripts", "recompute activations in the backward pass")
+    attn_implementation: str = param("auto", "anita", "auto: FlashAttention-2 or SDPA on a GPU, SDPA on the CPU")
+    bf16: bool|None = param(None, "anita", "bf16 mixed precision; None: on a GPU that has it, fp32 on the CPU")
+    save_steps: int = param(100, "anita", "checkpoint every N optimizer steps (resume after a kill)")
+    save_total_limit: int = param(2, "anita", "checkpoints kept")
+    logging_steps: int = param(10, "anita", "log the loss every N optimizer steps")
+    report_to: str = param("auto", "anita", "TRL's `report_to`: auto = tensorboard when installed, else none")
+    disable_tqdm: bool = param(False, "anita", "False: a progress bar with the ETA")
+    seed: int = param(42, "scripts", "seed of the adapter's initialisation, the data order and the generation check")
+    gen_prompts: tuple = param(GEN_PROMPTS, "anita", "prompts of the generation check")
+    gen_max_new_tokens: int = param(512, "paper", "generation check: new tokens (as the paper's examples)")
+    gen_temperature: float = param(0.6, "paper", "generation check: sampling temperature")
+    gen_top_p: float = param(0.9, "paper", "generation check: top-p")
+
+# %% ../nbs/02_sft.ipynb #820c3056
+@dataclass
+class SFTStepConfig(TrainStepConfig):
+    "The SFT step: the shared fields at the paper's SFT values, and how its rows are packed."
+    packing: bool|str = param(True, "anita", "padding-free bfd packing; `auto`: the faster way, measured")
+    completion_only: bool|None = param(None, "anita", "loss on the completion only; None: for prompt/completion rows")
+    tokens_per_step: int|None = param(None, "anita", "real tokens per optimizer step; None: the unpacked batch's")
+    micro_batch_tokens: int|None = param(None, "anita", "packed tokens per device per micro-batch; None: `max_length`")
+
+# %% ../nbs/02_sft.ipynb #cea254bb
+TRL_NAMES = dict(   # recipe key -> the TRL/transformers field it sets, where the names differ (the others are the same)
+    batch_size="per_device_train_batch_size", grad_accum="gradient_accumulation_steps", lr="learning_rate",
+    lr_scheduler="lr_scheduler_type", epochs="num_train_epochs", target_modules="lora_target_modules")
+
+def step_config(cls, **values):
+    "A `cls` config: its defaults overridden by `values` (recipe keys, or their TRL names); an unknown key is an error."
+    alias = {v: k for k, v in TRL_NAMES.items()}
+    values = {alias.get(k, k): v for k, v in values.items()}
+    known = [f.name for f in fields(cls)]
+    bad = sorted(set(values) - set(known))
+    if bad: raise TypeError(f"{cls.__name__}: unknown parameter(s) {', '.join(bad)} (its fields: {', '.join(known)})")
+    return cls(**values)
+
+# %% ../nbs/02_sft.ipynb #388318e5
+def notebook_config(cls, ns:dict):
+    "The `cls` config of a step notebook: the fields its parameter cell set in namespace `ns`, defaults for the rest."
+    return cls(**{f.name: ns[f.name] for f in fields(cls) if f.name in ns})
+
+def config_table(cls) -> str:
+    "A Markdown table of `cls`'s fields: default, source, meaning."
+    rows = [f"| `{f.name}` | `{f.default!r:.40}` | {f.metadata['source']} | {f.metadata['doc']} |" for f in fields(cls)]
+    return "\n".join(["| field | default | source | meaning |", "|---|---|---|---|", *rows])
 
 # %% ../nbs/02_sft.ipynb #8beb8558
 def _has(mod): return importlib_util.find_spec(mod) is not None
@@ -143,8 +220,10 @@ def require_model_input(model:str # Hub id, alias, or local folder (a previous s
     return resolve_model(str(model))
 
 # %% ../nbs/02_sft.ipynb #7615d15d
-def lora_config(r:int=16, alpha:int=8, dropout:float=0.0, target_modules=LORA_TARGETS, use_rslora:bool=False):
-    "A peft `LoraConfig` for causal-LM training."
+def lora_config(r:int=TrainStepConfig.lora_r, alpha:int=TrainStepConfig.lora_alpha,
+                dropout:float=TrainStepConfig.lora_dropout, target_modules=TrainStepConfig.target_modules,
+                use_rslora:bool=TrainStepConfig.use_rslora):
+    "A peft `LoraConfig` for causal-LM training (defaults: `TrainStepConfig`'s)."
     from peft import LoraConfig
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), use_rslora=use_rslora,
                       bias="none", task_type="CAUSAL_LM")
@@ -161,8 +240,11 @@ def pick_attn(backend:str, requested:str="auto") -> str|None:
     return "sdpa"
 
 # %% ../nbs/02_sft.ipynb #24b04bd6
-def load_for_training(model:str, backend:str="cpu", load_in_4bit:bool=True, max_length:int=8192,
-                      gradient_checkpointing:bool=True, lora:dict=None, seed:int=42, attn_implementation:str="auto",
+def load_for_training(model:str, backend:str="cpu", load_in_4bit:bool=TrainStepConfig.load_in_4bit,
+                      max_length:int=TrainStepConfig.max_length,
+                      gradient_checkpointing:bool=TrainStepConfig.gradient_checkpointing,
+                      lora:dict=None, # `lora_config` arguments
+                      seed:int=TrainStepConfig.seed, attn_implementation:str=TrainStepConfig.attn_implementation,
                       record:dict=None):
     "Load exactly `model` (checked by `require_model_input`) with a fresh LoRA adapter; `record['loaded']` names what was loaded."
     path, lora, record = require_model_input(model), dict(lora or {}), {} if record is None else record
@@ -172,9 +254,9 @@ def load_for_training(model:str, backend:str="cpu", load_in_4bit:bool=True, max_
         kw = dict(device_map=local_device_map()) if "LOCAL_RANK" in os.environ else {}
         m, tok = FastLanguageModel.from_pretrained(path, max_seq_length=max_length, load_in_4bit=load_in_4bit, dtype=None,
                     use_exact_model_name=True, on_model_resolved=lambda name: record.update(loaded=str(name)), **kw)
-        m = FastLanguageModel.get_peft_model(m, r=lora.get("r", 16), lora_alpha=lora.get("alpha", 8),
-                lora_dropout=lora.get("dropout", 0.0), target_modules=list(lora.get("target_modules", LORA_TARGETS)),
-                use_rslora=lora.get("use_rslora", False), bias="none", random_state=seed,
+        lc = lora_config(**lora)
+        m = FastLanguageModel.get_peft_model(m, r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
+                target_modules=sorted(lc.target_modules), use_rslora=lc.use_rslora, bias="none", random_state=seed,
                 use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
         return m, ensure_pad_token(tok)
     import torch
@@ -213,7 +295,7 @@ def _fix_ends(ids, tok, lead=True, tail=True):
 
 def tokenize_lm(ds,                # `datasets.Dataset` with `prompt`+`completion`, or `text`
                 tok,               # the tokenizer
-                max_length:int=8192, # longer sequences are truncated (counted in the report)
+                max_length:int=TrainStepConfig.max_length, # longer sequences are truncated (counted in the report)
                 completion_only:bool=None # loss on the completion only (default: True for prompt/completion rows)
                ):
     "Tokenize rows into `input_ids`/`labels` (see above); returns `(dataset, report)`."
@@ -320,9 +402,9 @@ def packing_throughput(model, tok, tds, max_length:int, batch_size:int, bf16:boo
 def _cdiv(a, b): return -(-a // b)
 
 def batch_plan(row_lengths:list,          # tokens of each (tokenized, truncated) row
-               batch_size:int=16,          # the recipe's rows per device per micro-batch (unpacked)
-               grad_accum:int=8,           # the recipe's accumulation steps
-               max_length:int=8192,        # tokens per (packed) row
+               batch_size:int=TrainStepConfig.batch_size, # the recipe's rows per device per micro-batch (unpacked)
+               grad_accum:int=TrainStepConfig.grad_accum, # the recipe's accumulation steps
+               max_length:int=TrainStepConfig.max_length, # tokens per (packed) row
                packed_lengths:list=None,   # tokens of each packed row (None: no packing)
                epochs:float=1, max_steps:int=-1, warmup_steps:float=0,
                tokens_per_step:int=None,   # real tokens per optimizer step (default: the unpacked batch's)
@@ -401,15 +483,6 @@ def prepare_resume(ckpt_dir, key:dict, resume:bool=True) -> str|None:
     return last
 
 # %% ../nbs/02_sft.ipynb #03ac5ca6
-class _LogCallback:
-    "Record wall time and real tokens at each logging step (tokens/s per logging step)."
-    def __init__(self): self.rows, self.trainer, self.t0 = {}, None, time.time()
-    def __getattr__(self, name):
-        if name.startswith("on_"): return lambda *a, **k: None
-        raise AttributeError(name)
-    def on_log(self, args, state, control, logs=None, **kw):
-        self.rows[state.global_step] = (time.time(), self.trainer.anita_tokens if self.trainer else 0)
-
 def write_train_log(log_history:list, out_dir, timing:dict=None) -> dict:
     "Write `train_log.json`, `train_log.csv` and `loss.png` from a trainer's `log_history`; returns the paths."
     out_dir = Path(out_dir); timing = timing or {}
@@ -524,8 +597,9 @@ This model is a derivative of `{base}` and inherits its license (the Meta Llama 
 Apache-2.0 for SmolLM2). The training data keep their own licenses.
 """
 
-def generation_check(model, tok, prompts=GEN_PROMPTS, max_new_tokens:int=512, temperature:float=0.6, top_p:float=0.9,
-                     seed:int=42, system:str=ANITA_SYSTEM_PROMPT) -> list:
+def generation_check(model, tok, prompts=GEN_PROMPTS, max_new_tokens:int=TrainStepConfig.gen_max_new_tokens,
+                     temperature:float=TrainStepConfig.gen_temperature, top_p:float=TrainStepConfig.gen_top_p,
+                     seed:int=TrainStepConfig.seed, system:str=ANITA_SYSTEM_PROMPT) -> list:
     "Answer fixed Italian/English prompts with the ANITA system prompt (seeded sampling); returns `[{prompt, answer}]`."
     import torch
     model.eval(); out = []
@@ -570,23 +644,79 @@ def ensure_logprob_kernel() -> str:
     return "triton"
 
 # %% ../nbs/02_sft.ipynb #6404678d
-def train_args(config_cls, out_dir, backend:str, batch_size=16, grad_accum=8, lr=2e-4, lr_scheduler="linear",
-               warmup_steps=100, weight_decay=0.01, optim="paged_adamw_8bit", seed=42, epochs=1, max_steps=-1,
-               save_steps=100, save_total_limit=2, logging_steps=10, gradient_checkpointing=True, **extra):
-    "A TRL config (`SFTConfig`/`DPOConfig`) for `backend`; on CPU: `use_cpu=True`, fp32, and torch AdamW for 8-bit optimizers."
-    gpu, bf16 = backend in ("unsloth", "hf"), device_info()["bf16"]
-    mixed = _uses_bf16(backend, extra.pop("bf16", None))
-    if not gpu and ("8bit" in optim or "paged" in optim): optim = "adamw_torch"
-    return config_cls(output_dir=str(out_dir), per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        learning_rate=lr, lr_scheduler_type=lr_scheduler, warmup_steps=warmup_steps, weight_decay=weight_decay, optim=optim,
-        seed=seed, data_seed=seed, num_train_epochs=epochs, max_steps=max_steps, save_strategy="steps", save_steps=save_steps,
-        save_total_limit=save_total_limit, logging_steps=logging_steps, report_to="none", use_cpu=not gpu,
-        bf16=mixed, fp16=gpu and not bf16, gradient_checkpointing=gradient_checkpointing and backend == "hf",
-        gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0, disable_tqdm=True, **extra)
+_TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "clearml")
 
-_CARD_IDS = {"embedded": "HuggingFaceTB/SmolLM2-135M-Instruct", "tiny-llama3": "anita tiny-llama3 (random weights)"}
-_GEN_KEYS = dict(gen_prompts="prompts", gen_max_new_tokens="max_new_tokens", gen_temperature="temperature", gen_top_p="top_p")
+def resolve_report_to(report_to="auto"):
+    "TRL's `report_to`: `auto` -> tensorboard when installed, else none; a named tracker must be installed."
+    if report_to in (None, "auto"): return "tensorboard" if _has("tensorboard") else "none"
+    names = [s.strip() for s in report_to.split(",")] if isinstance(report_to, str) else list(report_to)
+    missing = [n for n in names if n in _TRACKERS and not _has(n)]
+    if missing: raise ModuleNotFoundError(f"report_to={report_to!r}: {', '.join(missing)} is not installed "
+                                          f"(pip install {' '.join(missing)}), or set report_to to none")
+    return names[0] if len(names) == 1 else names
 
+# %% ../nbs/02_sft.ipynb #d211a817
+TRAINER_KEYS = ("batch_size", "grad_accum", "lr", "lr_scheduler", "warmup_steps", "weight_decay", "epochs", "max_steps",
+                "save_steps", "save_total_limit", "logging_steps", "disable_tqdm", "seed")
+
+def train_args(config_cls, out_dir, cfg, backend:str, **extra):
+    "A TRL config (`SFTConfig`/`DPOConfig`) from `cfg` for `backend`; on CPU: fp32, torch AdamW for 8-bit ones."
+    gpu = backend in ("unsloth", "hf")
+    optim = "adamw_torch" if not gpu and ("8bit" in cfg.optim or "paged" in cfg.optim) else cfg.optim
+    kw = {**{TRL_NAMES.get(k, k): getattr(cfg, k) for k in TRAINER_KEYS}, **extra}
+    return config_cls(output_dir=str(out_dir), **kw, optim=optim, data_seed=cfg.seed, save_strategy="steps",
+        report_to=resolve_report_to(cfg.report_to), use_cpu=not gpu, bf16=_uses_bf16(backend, cfg.bf16),
+        fp16=gpu and not device_info()["bf16"], gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
+        gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0)
+
+# %% ../nbs/02_sft.ipynb #d66a8cc4
+@dataclass(frozen=True)
+class Stage:
+    "What makes a training step SFT, DPO or the Italian adaptation; `fit` does the rest the same way."
+    name: str                 # the step's label in its report, model card and resume key
+    config: type              # its config dataclass (defaults and their sources)
+    trainer: str              # the key of its (trainer, TRL config) classes in `anita.trainers.TRAINERS`: sft | dpo
+    prepare: object           # (model, tok, dataset, cfg) -> (train dataset, data report, TRL config fields)
+    finish: object = None     # (trainer, tok, cfg) -> data report, once the trainer is built (DPO: TRL tokenizes there)
+    reference: str = None     # "adapter-off": the reference model is the trained model with its adapter disabled (DPO)
+    datasets: tuple = ()      # the datasets it trains on, named in the model card
+
+def world_size() -> int:
+    "Number of training processes (`WORLD_SIZE` under torchrun/accelerate, else 1)."
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+# %% ../nbs/02_sft.ipynb #e02b46c8
+def load_model(cfg) -> tuple:
+    "Load `cfg.model` with a fresh LoRA adapter for `cfg.backend`; returns `(model, tokenizer, the path loaded)`."
+    lora = dict(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                use_rslora=cfg.use_rslora)
+    rec = {}
+    m, tok = load_for_training(cfg.model, cfg.backend, cfg.load_in_4bit and cfg.backend != "cpu", cfg.max_length,
+                               cfg.gradient_checkpointing, lora, cfg.seed, cfg.attn_implementation, rec)
+    return m, tok, rec["loaded"]
+
+def drop_ref_adapter(model) -> bool:
+    "Remove the `ref` adapter TRL adds to a model that has its own: the reference becomes the adapter-disabled model."
+    cfg = getattr(model, "peft_config", {})
+    if "ref" not in cfg: return False
+    model.delete_adapter("ref")
+    model.set_adapter("default")
+    return True
+
+def make_trainer(stage:Stage, model, tok, dataset, ckpt_dir, cfg):
+    "The stage's TRL trainer for `model` on `dataset`, prepared as the stage says; returns `(trainer, data report)`."
+    from anita.trainers import TRAINERS
+    trainer_cls, config_cls = TRAINERS[stage.trainer]
+    ensure_logprob_kernel()
+    data, rep, trl_fields = stage.prepare(model, tok, dataset, cfg)
+    args = train_args(config_cls, ckpt_dir, cfg, cfg.backend, **trl_fields)
+    ref = dict(ref_model=None) if stage.reference == "adapter-off" else {}
+    tr = trainer_cls(model=model, args=args, train_dataset=data, processing_class=tok, **ref)
+    if ref: drop_ref_adapter(tr.model)
+    if stage.finish: rep.update(stage.finish(tr, tok, cfg))
+    return tr, rep
+
+# %% ../nbs/02_sft.ipynb #1cdfaec8
 def _finished(trainer, last) -> bool:
     "If checkpoint `last` already reached its run's last step, load its adapter and state into `trainer` (no extra step)."
     if not last: return False
@@ -600,63 +730,96 @@ def _finished(trainer, last) -> bool:
     print(f"{last} already holds the finished run ({st.global_step} steps): not training again")
     return True
 
-def world_size() -> int:
-    "Number of training processes (`WORLD_SIZE` under torchrun/accelerate, else 1)."
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-def fit(step:str, model:str, dataset, out_dir, make_trainer, opts:dict, datasets_used=(), resume:bool=True,
-        generate:bool=True, merge:bool=True) -> dict:
-    "Shared training driver of the SFT, DPO and Italian-adaptation steps (see above); returns paths (`adapter`, `merged`, `log`, `report_path`, ...) and the `report` dict."
+def run_training(trainer, last:str|None, cfg) -> dict:
+    "Train, resuming from checkpoint `last` (nothing to do if it is the last step); returns loss, seconds, timing."
     import torch
-    t_start, out_dir = time.time(), Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    o = dict(opts); backend = pick_backend(o.pop("backend", "auto"), model)
-    lora = dict(r=o.pop("lora_r", 16), alpha=o.pop("lora_alpha", 8), dropout=o.pop("lora_dropout", 0.0),
-                target_modules=o.pop("target_modules", LORA_TARGETS), use_rslora=o.pop("use_rslora", False))
-    gen = {v: o.pop(k) for k, v in _GEN_KEYS.items() if k in o}
-    gen.setdefault("seed", o.get("seed", 42))
-    max_length, load_in_4bit = o.pop("max_length", 8192), o.pop("load_in_4bit", True)
-    attn = o.pop("attn_implementation", "auto")
-    params = dict(model=str(model), backend=backend, max_length=max_length, load_in_4bit=load_in_4bit, **lora, **o)
-    rec = {}
-    m, tok = load_for_training(model, backend, load_in_4bit and backend != "cpu", max_length,
-                               o.get("gradient_checkpointing", True), lora, o.get("seed", 42), attn, rec)
-    trainer, data_report = make_trainer(m, tok, dataset, out_dir/"checkpoints", backend, max_length, o)
-    m = trainer.model
-    last = prepare_resume(out_dir/"checkpoints", dict(step=step, params=params, data=fingerprint(dataset)), resume)
-    cb = _LogCallback(); cb.trainer = trainer; trainer.add_callback(cb)
+    from anita.trainers import LogCallback
+    cb = LogCallback(trainer)
+    trainer.add_callback(cb)
     if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    done = _finished(trainer, last)
-    if not done:
-        with oom_guard(o.get("batch_size", 16), max_length, o.get("gradient_checkpointing", True)):
-            train_loss = trainer.train(resume_from_checkpoint=last).training_loss
-    else: train_loss = None
-    train_s = time.time() - t0
+    t0, loss = time.time(), None
+    if not _finished(trainer, last):
+        with oom_guard(cfg.batch_size, cfg.max_length, cfg.gradient_checkpointing):
+            loss = trainer.train(resume_from_checkpoint=last).training_loss
+    return dict(train_loss=loss, train_s=time.time() - t0, timing=cb.rows)
+
+# %% ../nbs/02_sft.ipynb #b1210614
+def save_adapter_and_logs(trainer, tok, out_dir, timing:dict) -> dict:
+    "Save the adapter (atomically) and the training log, CSV and loss plot; returns their paths."
     with atomic_dir(out_dir/"adapter") as tmp:
-        m.save_pretrained(tmp); tok.save_pretrained(tmp)
-    logs = write_train_log(trainer.state.log_history, out_dir, cb.rows)
-    losses = [r["loss"] for r in read_json(logs["json"])]
-    peak = torch.cuda.max_memory_allocated()/2**30 if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20
-    report = dict(step=step, backend=backend, params=params, loaded_model=rec["loaded"], attn_implementation=
-                  getattr(getattr(m, "config", None), "_attn_implementation", None), data=data_report,
-                  plan=data_report.get("plan"), optimizer_steps=trainer.state.global_step,
-                  resumed_from=last, train_runtime_s=round(train_s, 2), real_tokens_trained=trainer.anita_tokens,
-                  tokens_per_s=round(trainer.anita_tokens/train_s, 1) if train_s > 0 else None, peak_mem_gb=round(peak, 3),
-                  loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
-                  train_loss=train_loss)
-    paths = dict(adapter=str(out_dir/"adapter"), log=logs["json"], log_csv=logs["csv"], loss_png=logs["png"])
+        trainer.model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    logs = write_train_log(trainer.state.log_history, out_dir, timing)
+    return dict(adapter=str(out_dir/"adapter"), log=logs["json"], log_csv=logs["csv"], loss_png=logs["png"])
+
+def peak_memory_gb() -> float:
+    "Peak GPU memory allocated (or, on the CPU, the process's peak resident memory), in GiB."
+    import torch
+    if torch.cuda.is_available(): return torch.cuda.max_memory_allocated()/2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20
+
+def train_report(step:str, cfg, trainer, loaded:str, data:dict, resumed_from, run:dict, log_json) -> dict:
+    "The step's report: its whole config, what was loaded, the data report and plan, steps, speed, memory, losses."
+    losses, secs, tokens = [r["loss"] for r in read_json(log_json)], run["train_s"], trainer.anita_tokens
+    attn = getattr(getattr(trainer.model, "config", None), "_attn_implementation", None)
+    return dict(step=step, backend=cfg.backend, params=asdict(cfg), loaded_model=loaded, attn_implementation=attn,
+                data=data, plan=data.get("plan"), optimizer_steps=trainer.state.global_step, resumed_from=resumed_from,
+                train_runtime_s=round(secs, 2), real_tokens_trained=tokens,
+                tokens_per_s=round(tokens/secs, 1) if secs > 0 else None, peak_mem_gb=round(peak_memory_gb(), 3),
+                loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+                train_loss=run["train_loss"])
+
+# %% ../nbs/02_sft.ipynb #70998f3d
+_CARD_IDS = {"embedded": "HuggingFaceTB/SmolLM2-135M-Instruct", "tiny-llama3": "anita tiny-llama3 (random weights)"}
+
+def save_merged_with_card(trainer, tok, out_dir, step:str, cfg, loaded:str, datasets_used, report:dict) -> dict:
+    "Save the merged model with its model card (also as `out_dir/README.md`); returns their paths."
+    merged = save_merged(trainer.model, tok, out_dir/"merged", cfg.backend, loaded)
+    metrics = {k: report[k] for k in ("loss_first", "loss_last", "optimizer_steps")}
+    card = model_card(step, _CARD_IDS.get(cfg.model, cfg.model), list(datasets_used), report["params"], cfg.backend,
+                      metrics, loaded)
+    with atomic_write(out_dir/"merged"/"README.md") as f: f.write(card)
+    shutil.copy(out_dir/"merged"/"README.md", out_dir/"README.md")
+    return dict(merged=merged, card=str(out_dir/"README.md"))
+
+def run_generations(trainer, tok, cfg, merged:str=None) -> list:
+    "The generation check with `cfg`'s prompts and sampling; on the CPU on the merged model reloaded, as users load it."
+    gm = trainer.model
+    if merged and cfg.backend == "cpu":
+        import torch
+        from transformers import AutoModelForCausalLM
+        gm = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    return generation_check(gm, tok, cfg.gen_prompts, cfg.gen_max_new_tokens, cfg.gen_temperature, cfg.gen_top_p,
+                            cfg.seed)
+
+# %% ../nbs/02_sft.ipynb #863481be
+def fit(stage:Stage,          # what makes the step SFT, DPO or the Italian adaptation
+        model:str,            # the model to train: Hub id, local folder (a previous step's `merged/`), alias
+        dataset,              # the step's `datasets.Dataset`
+        out_dir,              # where `adapter/`, `merged/`, logs, card, generations and `report.json` go
+        resume:bool=True,     # resume from the last complete checkpoint in `out_dir/checkpoints`
+        generate:bool=True,   # run the generation check
+        merge:bool=True,      # save the merged model and its card
+        datasets_used=None,   # named in the model card (default: the stage's)
+        step:str=None,        # the step's label (default: the stage's name)
+        **opts                # fields of the stage's config (`TRL_NAMES` accepted too)
+       ) -> dict:
+    "Train one step as `stage` says; returns the paths (`adapter`, `merged`, `log`, `report_path`, ...) and `report`."
+    t_start, out_dir, step = time.time(), Path(out_dir), step or stage.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = step_config(stage.config, model=str(model), **opts)
+    cfg = replace(cfg, backend=pick_backend(cfg.backend, model))
+    m, tok, loaded = load_model(cfg)
+    trainer, data = make_trainer(stage, m, tok, dataset, out_dir/"checkpoints", cfg)
+    last = prepare_resume(out_dir/"checkpoints", dict(step=step, params=asdict(cfg), data=fingerprint(dataset)), resume)
+    run = run_training(trainer, last, cfg)
+    paths = save_adapter_and_logs(trainer, tok, out_dir, run["timing"])
+    report = train_report(step, cfg, trainer, loaded, data, last, run, paths["log"])
     if merge:
-        paths["merged"] = save_merged(m, tok, out_dir/"merged", backend, rec["loaded"])
-        with atomic_write(out_dir/"merged"/"README.md") as f:
-            f.write(model_card(step, _CARD_IDS.get(str(model), str(model)), list(datasets_used), params, backend, dict(loss_first=report["loss_first"],
-                               loss_last=report["loss_last"], optimizer_steps=report["optimizer_steps"]), rec["loaded"]))
-        shutil.copy(out_dir/"merged"/"README.md", out_dir/"README.md"); paths["card"] = str(out_dir/"README.md")
+        used = datasets_used or stage.datasets
+        paths.update(save_merged_with_card(trainer, tok, out_dir, step, cfg, loaded, used, report))
     if generate:
-        gm = trainer.model
-        if merge and backend == "cpu":
-            from transformers import AutoModelForCausalLM
-            gm = AutoModelForCausalLM.from_pretrained(paths["merged"], dtype=torch.float32)
-        report["generations"] = generation_check(gm, tok, **{**GEN_PAPER, **gen})
+        report["generations"] = run_generations(trainer, tok, cfg, paths.get("merged"))
         paths["generations"] = str(write_json(out_dir/"generations.json", report["generations"]))
     report["total_runtime_s"] = round(time.time() - t_start, 2)
     paths["report_path"] = str(write_json(out_dir/"report.json", report))
@@ -668,26 +831,33 @@ def packed_lengths(tds, max_length:int) -> list:
     from trl.data_utils import pack_dataset
     return [len(x) for x in pack_dataset(tds.select_columns(["input_ids", "labels"]), max_length, "bfd")["input_ids"]]
 
-def _sft_trainer(m, tok, dataset, ckpt_dir, backend, max_length, o):
-    from trl import SFTConfig, SFTTrainer
-    ensure_logprob_kernel()
-    packing, completion_only = o.pop("packing", True), o.pop("completion_only", None)
-    tps, mbt = o.pop("tokens_per_step", None), o.pop("micro_batch_tokens", None)
-    tds, rep = tokenize_lm(dataset, tok, max_length, completion_only)
+def sft_plan(tds, cfg, packing:bool) -> dict:
+    "The `batch_plan` of a tokenized dataset under `cfg`, packed or not."
+    return batch_plan([len(x) for x in tds["input_ids"]], cfg.batch_size, cfg.grad_accum, cfg.max_length,
+                      packed_lengths(tds, cfg.max_length) if packing else None, cfg.epochs, cfg.max_steps,
+                      cfg.warmup_steps, cfg.tokens_per_step, cfg.micro_batch_tokens, world_size())
+
+# %% ../nbs/02_sft.ipynb #4a7a0900
+def sft_data(model, tok, dataset, cfg) -> tuple:
+    "Tokenize, check the tokens, decide packing and plan the batches; returns `(data, report, TRL config fields)`."
+    tds, rep = tokenize_lm(dataset, tok, cfg.max_length, cfg.completion_only)
     rep["token_checks"] = token_checks(tds, tok)
-    rep["batches"] = batch_stats(tds, tok, max_length, o.get("batch_size", 16))
+    rep["batches"] = batch_stats(tds, tok, cfg.max_length, cfg.batch_size)
     if rep["token_checks"]["doubled_bos"]: raise ValueError(f"doubled BOS in {rep['token_checks']['doubled_bos']} examples")
+    packing = cfg.packing
     if packing == "auto":  # pack only where it is faster here: measured, both throughputs in the report
-        rep["packing_measured"] = packing_throughput(m, tok, tds, max_length, o.get("batch_size", 16), _uses_bf16(backend, o.get("bf16")))
+        bf16 = _uses_bf16(cfg.backend, cfg.bf16)
+        rep["packing_measured"] = packing_throughput(model, tok, tds, cfg.max_length, cfg.batch_size, bf16)
         packing = rep["packing_measured"]["packing"]
-    rep["plan"] = plan = batch_plan([len(x) for x in tds["input_ids"]], o.get("batch_size", 16), o.get("grad_accum", 8),
-        max_length, packed_lengths(tds, max_length) if packing else None, o.get("epochs", 1), o.get("max_steps", -1),
-        o.get("warmup_steps", 0), tps, mbt, world_size())
+    rep["plan"] = plan = sft_plan(tds, cfg, packing)
     print(plan_text(plan))
-    args = train_args(SFTConfig, ckpt_dir, backend, **{**o, "batch_size": plan["micro_batch"], "grad_accum": plan["grad_accum"]},
-                      max_length=max_length, packing=packing, packing_strategy="bfd", padding_free=packing, dataset_num_proc=None)
-    cls = type("AnitaSFTTrainer", (AnitaTrainerMixin, SFTTrainer), {})
-    return cls(model=m, args=args, train_dataset=tds, processing_class=tok), rep
+    trl_fields = dict(per_device_train_batch_size=plan["micro_batch"], gradient_accumulation_steps=plan["grad_accum"],
+                      max_length=cfg.max_length, packing=packing, packing_strategy="bfd", padding_free=packing,
+                      dataset_num_proc=None)
+    return tds, rep, trl_fields
+
+# %% ../nbs/02_sft.ipynb #691244d3
+SFT_STAGE = Stage("02_sft", SFTStepConfig, "sft", sft_data, datasets=("Chat-Error/wizard_alpaca_dolly_orca",))
 
 def train_sft(model:str,          # base model: Hub id, local folder (e.g. a step's `merged/`), `embedded`, `tiny-llama3`
               dataset,            # `datasets.Dataset` with `prompt`/`completion` (loss on completion) or `text` (every token)
@@ -695,13 +865,12 @@ def train_sft(model:str,          # base model: Hub id, local folder (e.g. a ste
               resume:bool=True,   # resume from the last complete checkpoint in `out_dir/checkpoints`
               generate:bool=True, # run the generation check
               merge:bool=True,    # save the merged model
-              datasets_used=("Chat-Error/wizard_alpaca_dolly_orca",), # named in the model card
-              step:str="02_sft",
-              **opts              # recipe values: see `SFT_PAPER` (defaults), `packing`, `completion_only`, `tokens_per_step`, `gen_*`
+              datasets_used=None, # named in the model card (default: the paper's SFT data)
+              step:str=None,      # the label in the report and card (default: `02_sft`)
+              **opts              # `SFTStepConfig` fields (defaults: the paper's)
              ) -> dict:
     "LoRA/QLoRA SFT with TRL; returns paths (`adapter`, `merged`, `log`, ...) and the `report`."
-    return fit(step, model, dataset, out_dir, _sft_trainer, {**{k: v for k, v in SFT_PAPER.items() if k != "model"}, **opts},
-               datasets_used, resume, generate, merge)
+    return fit(SFT_STAGE, model, dataset, out_dir, resume, generate, merge, datasets_used, step, **opts)
 
 # %% ../nbs/02_sft.ipynb #d5288390
 def load_step_data(data_dir, kind:str, tokenizer_model:str, **prep):

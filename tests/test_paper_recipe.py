@@ -67,7 +67,7 @@ def test_full_epochs_and_warmup_as_the_paper(paper_run):
     assert ita["plan"]["optimizer_steps"] == 3 * ita["plan"]["steps_per_epoch"]                # three whole epochs
     assert sft["plan"]["packed"] and sft["plan"]["warmup_steps"] == 100                         # warm-up steps as the paper
     assert dpo["plan"]["warmup_steps"] == math.ceil(0.1 * dpo["plan"]["optimizer_steps"])       # warm-up ratio 0.1
-    assert dpo["params"]["use_rslora"] is True and dpo["params"]["r"] == 64 and dpo["params"]["beta"] == 0.1
+    assert dpo["params"]["use_rslora"] is True and dpo["params"]["lora_r"] == 64 and dpo["params"]["beta"] == 0.1
     # the packed plan keeps the unpacked batch's tokens per optimizer step (within one packed row)
     p = sft["plan"]
     assert abs(p["tokens_per_step"] - p["target_tokens_per_step"]) <= p["mean_train_row_tokens"]
