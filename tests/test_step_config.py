@@ -29,6 +29,10 @@ def cell_params(nb:str) -> dict:
 
 def defaults(cls) -> dict: return {f.name: f.default for f in fields(cls)}
 
+def _chained(k, v) -> bool:
+    "A recipe value the pipeline fills in to chain steps (`{steps.sft}/merged`, or the older `{root}/{run}/...`)."
+    return k in CHAINED and isinstance(v, str) and ("{steps." in v or "{run}" in v)
+
 def _eq(a, b): return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
 
 @pytest.mark.parametrize("step", STEPS)
@@ -52,7 +56,7 @@ def test_tiny_recipe_is_the_parameter_cell(step):
     cell, tiny = cell_params(nb), _recipe("tiny")[step]["params"]
     assert set(tiny) <= set(cell), f"tiny.yaml {step}: not parameters of {nb}: {sorted(set(tiny) - set(cell))}"
     for k, v in tiny.items():
-        if k in CHAINED and isinstance(v, str) and "{run}" in v: continue
+        if _chained(k, v): continue
         assert _eq(v, cell[k]), f"tiny.yaml {step}.{k} = {v!r}, but {nb}'s parameter cell has {cell[k]!r}"
 
 @pytest.mark.parametrize("step", STEPS)
@@ -61,7 +65,7 @@ def test_paper_recipe_is_the_config(step):
     nb, cls = STEPS[step]
     cell, paper, want = cell_params(nb), _recipe("paper")[step]["params"], defaults(cls)
     for k, v in paper.items():
-        if k in NOTEBOOK_ONLY or k in CHAINED and isinstance(v, str) and "{run}" in v: continue
+        if k in NOTEBOOK_ONLY or _chained(k, v): continue
         assert k in want, f"paper.yaml {step}.{k}: no field of {cls.__name__}"
         assert _eq(v, want[k]), f"paper.yaml {step}.{k} = {v!r}, but {cls.__name__}.{k} defaults to {want[k]!r}"
     run = {**cell, **paper}   # what the pipeline gives the notebook in a paper run
