@@ -5,6 +5,7 @@
 # %% ../nbs/13_export.ipynb #5c082b96
 from __future__ import annotations
 import contextlib, json, os, re, shutil, subprocess, sys, tempfile, time, warnings
+from functools import partial
 from importlib import util as importlib_util
 from pathlib import Path
 from .core import resolve_model, run_dir, step_manifest, write_json, atomic_write, device_info, seed_everything
@@ -197,13 +198,16 @@ def gguf_reader(path):
     if not Path(path).is_file(): raise FileNotFoundError(f"{path}: no such GGUF file")
     return GGUFReader(str(path))
 
+def _field(r, key:str):
+    "The value of metadata field `key` of GGUF reader `r`, or None when the file lacks it."
+    f = r.fields.get(key)
+    return f.contents() if f is not None else None
+
 def gguf_metadata(path) -> dict:
     "Architecture, file type, tensor count and types, chat template and BOS/EOS/EOT ids of a GGUF file (path or reader)."
     from gguf import LlamaFileType
     r = gguf_reader(path)
-    def val(k):
-        f = r.fields.get(k)
-        return f.contents() if f is not None else None
+    val = partial(_field, r)
     ft = val("general.file_type")
     types = {}
     for t in r.tensors: types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
@@ -237,9 +241,7 @@ _FIELDS = dict(model="tokenizer.ggml.model", tokens="tokenizer.ggml.tokens", tok
 def gguf_tokenizer(path) -> dict:
     "The tokenizer tables in a GGUF file's metadata (path or reader): tokens, token types, merges, special ids, add-BOS flag, chat template."
     r = gguf_reader(path)
-    def val(k):
-        f = r.fields.get(k)
-        return f.contents() if f is not None else None
+    val = partial(_field, r)
     return {k: val(f) for k, f in _FIELDS.items()} | dict(pre=val("tokenizer.ggml.pre"))
 
 def source_tokenizer(src,              # the merged model folder (its `tokenizer.json`)
