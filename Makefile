@@ -40,20 +40,20 @@ install-gpu: install
 
 # GPU check (anita.gpucheck, nbs/15_gpucheck.ipynb): probe first with the system Python (no install on a machine without CUDA:
 # it stops at once, exit code 3 from the check), then either install the gpu extra (node with package access) or, with
-# WHEELS=folder (from `make gpu-wheels`), use the node's own Python and CUDA torch plus those wheels (offline node).
+# WHEELS=folder (from `make gpu-wheels`), use the node's own Python and CUDA torch plus those wheels (offline node), installed into
+# GPU_SITE and put first on PYTHONPATH (not a venv: a venv made from a node's Python that is itself a venv does not see its torch).
 GPU_CHECK_OUT ?= runs/gpu-check
 GPU_CHECK_ARGS ?=
 WHEELS ?=
-GPU_VENV ?= .venv-gpucheck
+GPU_SITE ?= .gpucheck-site
 gpu-check:
 	@PYTHONPATH=$(CURDIR) $(PYTHON) -m anita.gpucheck --probe
 ifeq ($(WHEELS),)
 	$(MAKE) install-gpu
 	$(PY) -m anita.gpucheck --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 else
-	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install -q --no-index --no-deps $(WHEELS)/*.whl
-	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python -m anita.gpucheck --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+	rm -rf $(GPU_SITE) && $(PYTHON) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) $(WHEELS)/*.whl
+	PYTHONPATH=$(CURDIR):$(abspath $(GPU_SITE)) $(PYTHON) -m anita.gpucheck --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 endif
 
 # wheels an offline GPU node lacks for the check, for its Python (NODE_PYTHON) and CUDA (NODE_CUDA, bitsandbytes keeps only

@@ -84,8 +84,10 @@ def wheel_closure(roots:list, present:dict, requires, node_own=NODE_OWN) -> tupl
 
 # %% ../nbs/15b_gpuwheels.ipynb #be292fce
 # parts of wheels the check never imports: pyarrow's Arrow Flight libraries (10+ MiB; `datasets` does not use them; Substrait stays: pyarrow.lib links it),
-# C/C++ headers, sources and test suites
-UNUSED_PARTS = {"pyarrow": ("flight", "pyarrow/include/", "pyarrow/src/", "pyarrow/tests/", "pyarrow/includes/")}
+# C/C++ headers, sources and test suites; unsloth's Studio web app (24 MiB: a front end and its server, a separate top-level
+# package `studio` that `import unsloth` never imports)
+UNUSED_PARTS = {"pyarrow": ("flight", "pyarrow/include/", "pyarrow/src/", "pyarrow/tests/", "pyarrow/includes/"),
+                "unsloth": ("studio/",)}
 
 def _unused(member:str, wheel:str) -> bool:
     "Whether a wheel member is in `UNUSED_PARTS` for that wheel's project."

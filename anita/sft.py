@@ -20,9 +20,9 @@ __all__ = ['LORA_TARGETS', 'GEN_PROMPTS', 'SOURCES', 'TRL_NAMES', 'CPU_MAX_PARAM
            'AnitaTrainerMixin', 'latest_checkpoint', 'prepare_resume', 'write_train_log', 'oom_guard', 'merge_adapter',
            'save_merged', 'model_card', 'generation_check', 'TorchLogProbs', 'ensure_logprob_kernel',
            'resolve_report_to', 'train_args', 'Stage', 'world_size', 'load_model', 'drop_ref_adapter', 'make_trainer',
-           'run_training', 'save_adapter_and_logs', 'peak_memory_gb', 'train_report', 'save_merged_with_card',
-           'run_generations', 'fit', 'packed_lengths', 'sft_plan', 'sft_data', 'train_sft', 'load_step_data',
-           'loss_table']
+           'run_training', 'steady_tokens_per_s', 'save_adapter_and_logs', 'peak_memory_gb', 'train_report',
+           'save_merged_with_card', 'run_generations', 'fit', 'packed_lengths', 'sft_plan', 'sft_data', 'train_sft',
+           'load_step_data', 'loss_table']
 
 # %% ../nbs/02_sft.ipynb #a38af2c1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -743,6 +743,14 @@ def run_training(trainer, last:str|None, cfg) -> dict:
             loss = trainer.train(resume_from_checkpoint=last).training_loss
     return dict(train_loss=loss, train_s=time.time() - t0, timing=cb.rows)
 
+# %% ../nbs/02_sft.ipynb #e73a0b56
+def steady_tokens_per_s(timing:dict) -> float|None:
+    "Real tokens/s from the first logged step to the last (`timing`: `{step: (time, tokens)}`): step 1's compiling left out."
+    steps = sorted(timing or {})
+    if len(steps) < 2: return None
+    (t0, n0), (t1, n1) = timing[steps[0]], timing[steps[-1]]
+    return round((n1 - n0)/(t1 - t0), 1) if t1 > t0 else None
+
 # %% ../nbs/02_sft.ipynb #b1210614
 def save_adapter_and_logs(trainer, tok, out_dir, timing:dict) -> dict:
     "Save the adapter (atomically) and the training log, CSV and loss plot; returns their paths."
@@ -765,7 +773,8 @@ def train_report(step:str, cfg, trainer, loaded:str, data:dict, resumed_from, ru
     return dict(step=step, backend=cfg.backend, params=asdict(cfg), loaded_model=loaded, attn_implementation=attn,
                 data=data, plan=data.get("plan"), optimizer_steps=trainer.state.global_step, resumed_from=resumed_from,
                 train_runtime_s=round(secs, 2), real_tokens_trained=tokens,
-                tokens_per_s=round(tokens/secs, 1) if secs > 0 else None, peak_mem_gb=round(peak_memory_gb(), 3),
+                tokens_per_s=round(tokens/secs, 1) if secs > 0 else None,
+                steady_tokens_per_s=steady_tokens_per_s(run.get("timing")), peak_mem_gb=round(peak_memory_gb(), 3),
                 loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
                 train_loss=run["train_loss"])
 

@@ -24,6 +24,15 @@ def test_no_cuda_stops_at_once():
         r = _py(env={"ANITA_GPUCHECK_ASSUME_DRIVER": "1"})
         assert r.returncode == 3 and "CPU-only build" in r.stderr and "Traceback" not in r.stderr
 
+def test_driver_but_no_torch_stops_with_a_message(tmp_path, monkeypatch, capsys):
+    "A Python that sees the driver but has no torch (e.g. a venv that hides the node's) exits 3 with a message, no traceback."
+    monkeypatch.setattr(G, "cuda_probe", lambda: dict(ok=True, driver="580", torch=None, torch_cuda=None, devices=[],
+                                                      reason="driver found; torch is not installed in this Python yet"))
+    assert G.main(["--out", str(tmp_path/"gc")]) == G.EXIT_NO_CUDA
+    err = capsys.readouterr().err
+    assert "no CUDA: driver found; torch is not installed" in err and sys.executable in err
+    assert not (tmp_path/"gc").exists()
+
 @no_cuda
 def test_make_gpu_check_stops_before_installing(tmp_path):
     "`make gpu-check` probes with the system Python before any install and stops with the check's message."
