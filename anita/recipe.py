@@ -8,10 +8,10 @@ import ast, contextlib, json, os, re
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'PARAM_RULES', 'RecipeError', 'UsageError', 'check_name', 'recipes_dir', 'find_recipe',
-           'default_nbs_dir', 'check_step_refs', 'load_recipe', 'step_dirs', 'fill_steps', 'fill', 'notebook_params',
-           'check_param', 'check_range', 'parse_set', 'local_path', 'apply_sets', 'select_steps', 'check_recipe_params',
-           'list_steps']
+__all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'PARAM_RULES', 'PARAM_CHOICES', 'RecipeError', 'UsageError', 'check_name', 'recipes_dir',
+           'find_recipe', 'default_nbs_dir', 'check_step_refs', 'load_recipe', 'step_dirs', 'fill_steps', 'fill',
+           'notebook_params', 'check_param', 'check_range', 'parse_set', 'local_path', 'apply_sets', 'select_steps',
+           'check_recipe_params', 'list_steps']
 
 # %% ../nbs/11a_recipe.ipynb #095a8595
 RECIPE_KEYS = ("name", "description", "nbs_dir", "slurm", "steps")
@@ -194,8 +194,12 @@ PARAM_RULES = dict(   # parameter name -> (check, what it must be), in every ste
                      "grad_accum", "max_length", "max_prompt_length", "tokens_per_step", "save_steps", "logging_steps",
                      "lora_r", "lora_alpha"), _COUNT))
 
+PARAM_CHOICES = dict(packing=(True, False, "auto"))   # parameter name -> the values it may take
+
 def check_range(key:str, value, where:str):
-    "`value` if it is in the range `PARAM_RULES` gives parameter `key` (non-numbers and unlisted names pass), else a `RecipeError` naming `where`."
+    "`value` if it is in the range `PARAM_RULES` (or among `PARAM_CHOICES`) gives `key`, else a `RecipeError` naming `where`."
+    if key in PARAM_CHOICES and not any(c == value and type(c) is type(value) for c in PARAM_CHOICES[key]):
+        raise RecipeError(f"{where}: must be one of {', '.join(map(str, PARAM_CHOICES[key]))}, got {value!r}")
     rule = PARAM_RULES.get(key)
     if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)): return value
     if not rule[0](value): raise RecipeError(f"{where}: must be {rule[1]}, got {value!r}")

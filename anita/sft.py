@@ -16,13 +16,13 @@ __all__ = ['LORA_TARGETS', 'GEN_PROMPTS', 'SOURCES', 'TRL_NAMES', 'CPU_MAX_PARAM
            'SFT_STAGE', 'param', 'TrainStepConfig', 'SFTStepConfig', 'step_config', 'notebook_config', 'config_table',
            'estimate_params', 'cuda_diagnosis', 'pick_backend', 'import_order_problems', 'prepare_backend',
            'require_model_input', 'lora_config', 'local_device_map', 'pick_attn', 'load_for_training', 'tokenize_lm',
-           'token_checks', 'batch_stats', 'cpu_bf16', 'packing_throughput', 'batch_plan', 'plan_text',
-           'AnitaTrainerMixin', 'latest_checkpoint', 'prepare_resume', 'write_train_log', 'oom_guard', 'merge_adapter',
-           'save_merged', 'model_card', 'generation_check', 'TorchLogProbs', 'ensure_logprob_kernel',
+           'token_checks', 'batch_stats', 'cpu_bf16', 'packed_micro_batch', 'packing_throughput', 'batch_plan',
+           'plan_text', 'AnitaTrainerMixin', 'latest_checkpoint', 'prepare_resume', 'write_train_log', 'oom_guard',
+           'merge_adapter', 'save_merged', 'model_card', 'generation_check', 'TorchLogProbs', 'ensure_logprob_kernel',
            'resolve_report_to', 'train_args', 'Stage', 'world_size', 'load_model', 'drop_ref_adapter', 'make_trainer',
-           'run_training', 'steady_tokens_per_s', 'save_adapter_and_logs', 'peak_memory_gb', 'train_report',
-           'save_merged_with_card', 'run_generations', 'fit', 'packed_lengths', 'sft_plan', 'sft_data', 'train_sft',
-           'load_step_data', 'loss_table']
+           'run_training', 'reuse_packing', 'keep_packing', 'steady_tokens_per_s', 'save_adapter_and_logs',
+           'peak_memory_gb', 'train_report', 'save_merged_with_card', 'run_generations', 'fit', 'packed_lengths',
+           'sft_plan', 'sft_data', 'train_sft', 'load_step_data', 'loss_table']
 
 # %% ../nbs/02_sft.ipynb #a38af2c1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,7 +78,7 @@ class TrainStepConfig:
 @dataclass
 class SFTStepConfig(TrainStepConfig):
     "The SFT step: the shared fields at the paper's SFT values, and how its rows are packed."
-    packing: bool|str = param(True, "anita", "padding-free bfd packing; `auto`: the faster way, measured")
+    packing: bool|str = param("auto", "anita", "padding-free bfd packing: True, False, or `auto`: the faster, measured")
     completion_only: bool|None = param(None, "anita", "loss on the completion only; None: for prompt/completion rows")
     tokens_per_step: int|None = param(None, "anita", "real tokens per optimizer step; None: the unpacked batch's")
     micro_batch_tokens: int|None = param(None, "anita", "packed tokens per device per micro-batch; None: `max_length`")
@@ -366,37 +366,64 @@ def _uses_bf16(backend:str, bf16=None) -> bool:
     if bf16 is not None: return bool(bf16)
     return device_info()["bf16"] if backend in ("unsloth", "hf") else False
 
-def packing_throughput(model, tok, tds, max_length:int, batch_size:int, bf16:bool=False, n_batches:int=2) -> dict:
-    "Real tokens/s of forward+backward on the first `n_batches` micro-batches, packed (bfd, padding-free) and padded; `packing` = the faster."
-    import torch
+def packed_micro_batch(micro_batch_tokens:int|None, max_length:int) -> int:
+    "Packed rows of `max_length` tokens per micro-batch: `micro_batch_tokens // max_length`, at least one."
+    return max(1, (micro_batch_tokens or max_length) // max_length)
+
+def _timing_batches(tds, tok, max_length:int, batch_size:int, packed_batch:int, n_batches:int) -> dict:
+    "The first `n_batches` collated micro-batches of `tds`: packed (bfd, padding-free, `packed_batch` rows) and padded."
     from trl.data_utils import pack_dataset
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     base = tds.select_columns(["input_ids", "labels"])
-    rows = dict(packed=pack_dataset(base, max_length, "bfd"), padded=base)
-    coll = dict(packed=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True),
-                padded=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=False))
+    rows, size = dict(packed=pack_dataset(base, max_length, "bfd"), padded=base), dict(packed=packed_batch, padded=batch_size)
+    out = {}
+    for k, free in (("packed", True), ("padded", False)):
+        coll, r, b = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=free), rows[k], size[k]
+        out[k] = [coll([r[j] for j in range(i*b, min((i+1)*b, len(r)))]) for i in range(min(n_batches, -(-len(r)//b)))]
+    return out
+
+def _step_tokens(model, b:dict, bf16:bool) -> int:
+    "One forward and backward pass on collated batch `b`, gradients dropped; returns its real tokens."
+    import torch
     dev = next(model.parameters()).device
-    def batches(k):
-        n = min(n_batches, -(-len(rows[k]) // batch_size))
-        return [coll[k]([rows[k][j] for j in range(i*batch_size, min((i+1)*batch_size, len(rows[k])))]) for i in range(n)]
-    bs, t, n = {k: batches(k) for k in rows}, dict(packed=0.0, padded=0.0), dict(packed=0, padded=0)
-    was_training = model.training; model.train()
-    def step(b):
-        b = {k: v.to(dev) for k, v in b.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**b, use_cache=False).loss
-        loss.backward(); model.zero_grad(set_to_none=True)
-        if dev.type == "cuda": torch.cuda.synchronize()
-        return int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-    for k in rows: step(bs[k][0])                       # warm-up, both ways
-    for i in range(max(len(bs["packed"]), len(bs["padded"]))):
-        for k in ("packed", "padded"):                  # interleaved
-            if i < len(bs[k]):
-                t0 = time.time(); n[k] += step(bs[k][i]); t[k] += time.time() - t0
+    b = {k: v.to(dev) for k, v in b.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**b, use_cache=False).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    if dev.type == "cuda": torch.cuda.synchronize()
+    return int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+
+
+# %% ../nbs/02_sft.ipynb #5e1d2c3a
+def packing_throughput(model, tok, tds, max_length:int, batch_size:int, bf16:bool=False, n_batches:int=2,
+                       packed_batch:int=None) -> dict:
+    "Real tokens/s of forward+backward on the first micro-batches, packed and padded; `packing`: the faster (a way that fails loses)."
+    import torch
+    bs = _timing_batches(tds, tok, max_length, batch_size, packed_batch or batch_size, n_batches)
+    t, n, err = dict(packed=0.0, padded=0.0), dict(packed=0, padded=0), {}
+    def run(k, b, count=True):
+        if k in err: return
+        t0 = time.time()
+        try: got = _step_tokens(model, b, bf16)
+        except Exception as e:   # out of GPU memory, most likely: that way loses, the error goes in the report
+            err[k] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            model.zero_grad(set_to_none=True)
+            if torch.cuda.is_available(): torch.cuda.empty_cache()
+            return
+        if count: n[k], t[k] = n[k] + got, t[k] + time.time() - t0
+    was_training = model.training
+    model.train()
+    for k in bs: run(k, bs[k][0], count=False)        # warm-up, both ways
+    for i in range(max(map(len, bs.values()))):
+        for k in bs:                                   # interleaved
+            if i < len(bs[k]): run(k, bs[k][i])
     model.train(was_training)
+    if len(err) == 2: raise RuntimeError(f"packing='auto': both ways failed: packed {err['packed']}; padded {err['padded']} "
+                                         "(out of memory: lower max_length, batch_size or micro_batch_tokens)")
     tps = {k: round(n[k]/t[k], 1) if t[k] else None for k in t}
-    return dict(packed_tokens_per_s=tps["packed"], padded_tokens_per_s=tps["padded"], packing=bool((tps["packed"] or 0) > (tps["padded"] or 0)),
-                batches=n_batches, bf16=bf16)
+    return dict(packed_tokens_per_s=tps["packed"], padded_tokens_per_s=tps["padded"], errors=err,
+                packing=bool((tps["packed"] or 0) > (tps["padded"] or 0)), batches=n_batches, bf16=bf16)
 
 # %% ../nbs/02_sft.ipynb #d8ab3f4e
 def _cdiv(a, b): return -(-a // b)
@@ -416,7 +443,7 @@ def batch_plan(row_lengths:list,          # tokens of each (tokenized, truncated
     if packed_lengths is None: micro, accum, rows, row_mean = batch_size, grad_accum, n, mean
     else:
         rows, row_mean = len(packed_lengths), sum(packed_lengths) / max(len(packed_lengths), 1)
-        micro = max(1, (micro_batch_tokens or max_length) // max_length)
+        micro = packed_micro_batch(micro_batch_tokens, max_length)
         accum = max(1, round(target / (micro * world_size * row_mean)))
     batches = _cdiv(_cdiv(rows, world_size), micro)
     per_epoch = max(batches // accum + int(batches % accum > 0), 1)
@@ -743,6 +770,20 @@ def run_training(trainer, last:str|None, cfg) -> dict:
             loss = trainer.train(resume_from_checkpoint=last).training_loss
     return dict(train_loss=loss, train_s=time.time() - t0, timing=cb.rows)
 
+# %% ../nbs/02_sft.ipynb #7c0ffee1
+def reuse_packing(cfg, ckpt_dir, last) -> tuple:
+    "`(cfg, measured)`: on a resumed `packing='auto'` run, the choice measured when its checkpoints began (`packing.json`)."
+    f = Path(ckpt_dir)/"packing.json"
+    if getattr(cfg, "packing", None) != "auto" or not last or not f.exists(): return cfg, None
+    m = read_json(f)
+    print(f"packing='auto': resuming with the choice measured at the start: {'packed' if m['packing'] else 'padded'}")
+    return replace(cfg, packing=m["packing"]), m
+
+def keep_packing(data:dict, ckpt_dir, measured:dict|None):
+    "Save a fresh `packing='auto'` measurement beside the checkpoints (a resumed run reuses it), or note the reused one."
+    if measured: data["packing_measured"] = dict(measured, reused=True)
+    elif data.get("packing_measured"): write_json(Path(ckpt_dir)/"packing.json", data["packing_measured"])
+
 # %% ../nbs/02_sft.ipynb #e73a0b56
 def steady_tokens_per_s(timing:dict) -> float|None:
     "Real tokens/s from the first logged step to the last (`timing`: `{step: (time, tokens)}`): step 1's compiling left out."
@@ -819,8 +860,10 @@ def fit(stage:Stage,          # what makes the step SFT, DPO or the Italian adap
     cfg = step_config(stage.config, model=str(model), **opts)
     cfg = replace(cfg, backend=pick_backend(cfg.backend, model))
     m, tok, loaded = load_model(cfg)
-    trainer, data = make_trainer(stage, m, tok, dataset, out_dir/"checkpoints", cfg)
     last = prepare_resume(out_dir/"checkpoints", dict(step=step, params=asdict(cfg), data=fingerprint(dataset)), resume)
+    run_cfg, measured = reuse_packing(cfg, out_dir/"checkpoints", last)
+    trainer, data = make_trainer(stage, m, tok, dataset, out_dir/"checkpoints", run_cfg)
+    keep_packing(data, out_dir/"checkpoints", measured)
     run = run_training(trainer, last, cfg)
     paths = save_adapter_and_logs(trainer, tok, out_dir, run["timing"])
     report = train_report(step, cfg, trainer, loaded, data, last, run, paths["log"])
@@ -856,8 +899,13 @@ def sft_data(model, tok, dataset, cfg) -> tuple:
     packing = cfg.packing
     if packing == "auto":  # pack only where it is faster here: measured, both throughputs in the report
         bf16 = _uses_bf16(cfg.backend, cfg.bf16)
-        rep["packing_measured"] = packing_throughput(model, tok, tds, cfg.max_length, cfg.batch_size, bf16)
-        packing = rep["packing_measured"]["packing"]
+        rep["packing_measured"] = pm = packing_throughput(model, tok, tds, cfg.max_length, cfg.batch_size, bf16,
+                                                          packed_batch=packed_micro_batch(cfg.micro_batch_tokens, cfg.max_length))
+        packing = pm["packing"]
+        print(f"packing='auto': packed {pm['packed_tokens_per_s']} real tokens/s, padded {pm['padded_tokens_per_s']} "
+              f"-> {'packed' if packing else 'padded'}" + (f" ({pm['errors']})" if pm["errors"] else ""))
+    elif packing not in (True, False):
+        raise ValueError(f"packing={packing!r}: expected True, False or 'auto'")
     rep["plan"] = plan = sft_plan(tds, cfg, packing)
     print(plan_text(plan))
     trl_fields = dict(per_device_train_batch_size=plan["micro_batch"], gradient_accumulation_steps=plan["grad_accum"],

@@ -214,3 +214,19 @@ def test_resume_after_kill(tiny_llama3_dir, tmp_path):
     rep = json.loads((out/"report.json").read_text())
     assert rep["optimizer_steps"] == 8 and rep["resumed_from"].endswith(("checkpoint-4", "checkpoint-6"))
     assert not list((out/"checkpoints").glob(".staging*"))
+
+def test_packing_auto_is_kept_on_resume(tiny_llama3_dir, tmp_path):
+    "`packing='auto'` measures once: the choice goes beside the checkpoints and a resumed run trains the same way."
+    ds = _data("sft", _tok(tiny_llama3_dir))
+    ds = ds.select(range(min(12, len(ds))))
+    opts = {**FAST, **dict(max_steps=2, save_steps=2, packing="auto", generate=False, merge=False)}
+    r1 = S.train_sft(tiny_llama3_dir, ds, tmp_path/"s", **opts)["report"]
+    m = r1["data"]["packing_measured"]
+    assert m["packed_tokens_per_s"] > 0 and m["padded_tokens_per_s"] > 0 and r1["plan"]["packed"] == m["packing"]
+    saved = json.loads((tmp_path/"s"/"checkpoints"/"packing.json").read_text())
+    assert saved["packing"] == m["packing"]
+    # were the timing to come out the other way now, the resumed run must still train as its checkpoints began
+    write_json(tmp_path/"s"/"checkpoints"/"packing.json", dict(saved, packing=not saved["packing"]))
+    r2 = S.train_sft(tiny_llama3_dir, ds, tmp_path/"s", **opts)["report"]
+    assert r2["resumed_from"] and r2["data"]["packing_measured"]["reused"] is True
+    assert r2["plan"]["packed"] == (not saved["packing"])
