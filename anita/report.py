@@ -73,12 +73,20 @@ def _loss_line(sd) -> str|None:
     return (f"{pts[0][1]:.4g} → {pts[-1][1]:.4g} over {len(pts)} logs "
             f"({'down' if pts[-1][1] < pts[0][1] else 'NOT down'})")
 
+def _packing_figure(rep) -> str|None:
+    "`packing: auto`'s measurement in a training step's report: both throughputs and the choice."
+    m = (rep.get("data") or {}).get("packing_measured") if isinstance(rep, dict) else None
+    if not m: return None
+    return (f"packed {m.get('packed_tokens_per_s')} vs padded {m.get('padded_tokens_per_s')} real tokens/s -> "
+            f"{'packed' if m.get('packing') else 'padded'}" + (" (measured when the run began)" if m.get("reused") else ""))
+
 def step_figures(sd:Path) -> list:
-    "`(figure, value)` rows of a step: its loss, tokens/s and the key fields of its `report.json`."
+    "`(figure, value)` rows of a step: its loss, tokens/s, `packing: auto`'s measurement and the key fields of its `report.json`."
     rep, tl = _load(sd/"report.json"), _load(sd/"train_log.json")
     tps = _tokens_per_s(tl) or next((v for k, v in _scalars(rep if isinstance(rep, dict) else {}) if "tokens_per_s" in k), None)
     figs = [("loss (first → last logged)", _loss_line(sd))] if _loss_line(sd) else []
     if tps: figs.append(("tokens/s (mean)", f"{tps:.1f}"))
+    if _packing_figure(rep): figs.append(("packing: auto", _packing_figure(rep)))
     return figs + ([(k, v) for k, v in _scalars(rep) if _key_figure(k, v)][:40] if isinstance(rep, dict) else [])
 
 def _table(rows, head=("figure", "value")) -> list:
