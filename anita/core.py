@@ -11,10 +11,10 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['PAPER_BASE', 'ANITA_SYSTEM_PROMPT', 'LLAMA3_CHAT_TEMPLATE', 'SMOLLM2_GGUF', 'EMBEDDED_FORMAT', 'LLAMA3_PATTERN',
-           'cache_dir', 'run_dir', 'seed_everything', 'atomic_write', 'atomic_dir', 'write_json', 'read_json',
-           'device_info', 'package_versions', 'git_commit', 'fingerprint', 'write_manifest', 'read_manifest',
-           'step_manifest', 'embedded_base', 'llama3_special_tokens', 'find_llama3_tokenizer_model', 'llama3_tokenizer',
-           'tiny_llama3', 'resolve_model', 'ensure_pad_token']
+           'cache_dir', 'run_dir', 'find_data', 'seed_everything', 'atomic_write', 'atomic_dir', 'write_json',
+           'read_json', 'device_info', 'package_versions', 'git_commit', 'fingerprint', 'write_manifest',
+           'read_manifest', 'step_manifest', 'embedded_base', 'llama3_special_tokens', 'find_llama3_tokenizer_model',
+           'llama3_tokenizer', 'tiny_llama3', 'resolve_model', 'ensure_pad_token']
 
 # %% ../nbs/00_core.ipynb #64ae997c
 PAPER_BASE = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -46,6 +46,18 @@ def run_dir(run:str,           # run name, e.g. `demo`
     if step: d = d/step
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+# %% ../nbs/00_core.ipynb #0225bcdc
+def find_data(name:str,          # file name under `shared/data/`
+              sample:str=None    # fallback file name under `anita/samples/`
+             ) -> Path:
+    "`shared/data/name` next to or above the working folder (or the package), else the shipped `anita/samples/sample`."
+    pkg = Path(importlib_util.find_spec("anita").origin).parent
+    for d in [Path.cwd(), *Path.cwd().parents, pkg.parent, *pkg.parent.parents]:
+        if (d/"shared"/"data"/name).exists(): return d/"shared"/"data"/name
+    if sample is None:
+        raise FileNotFoundError(f"shared/data/{name} not found above {Path.cwd()} and no sample given")
+    return pkg/"samples"/sample
 
 # %% ../nbs/00_core.ipynb #02c1bb32
 def seed_everything(seed:int=42):

@@ -7,9 +7,8 @@ from __future__ import annotations
 import difflib, json, math, random, re, time
 from collections import Counter
 from pathlib import Path
-from .core import run_dir, step_manifest, write_json, atomic_write, seed_everything
+from .core import run_dir, step_manifest, write_json, atomic_write, seed_everything, find_data
 from .models import load_model, generate_batch
-from .sentiment import find_data
 
 # %% auto #0
 __all__ = ['ML_FILE', 'ML_SAMPLE', 'RANK_PROMPT', 'load_ml', 'catalogue', 'popularity', 'make_candidates', 'rank_prompt',

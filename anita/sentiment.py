@@ -4,29 +4,15 @@
 
 # %% ../nbs/08_sentiment.ipynb #793db8a8
 from __future__ import annotations
-import csv, importlib.util, json, re, time
+import csv, json, re, time
 from pathlib import Path
-from .core import run_dir, step_manifest, write_json, atomic_write, seed_everything
+from .core import run_dir, step_manifest, write_json, atomic_write, seed_everything, find_data
 from .models import load_model, generate_batch
 
 # %% auto #0
-__all__ = ['LABELS', 'UNPARSEABLE', 'FPB_FILE', 'FPB_SAMPLE', 'SENTIMENT_PROMPT', 'REFERENCE', 'find_data', 'load_fpb',
-           'balanced_split', 'sentiment_prompt', 'sft_examples', 'parse_sentiment', 'sentiment_metrics',
-           'plot_confusions', 'fine_tune', 'results_table']
-
-# %% ../nbs/08_sentiment.ipynb #e401d52f
-def _pkg_dir() -> Path:
-    return Path(importlib.util.find_spec("anita").origin).parent
-
-def find_data(name:str,          # file name under `shared/data/`
-              sample:str=None    # fallback file name under `anita/samples/`
-             ) -> Path:
-    "`shared/data/name` next to or above the working folder (or the package), else the shipped `anita/samples/sample`."
-    pkg = _pkg_dir()
-    for d in [Path.cwd(), *Path.cwd().parents, pkg.parent, *pkg.parent.parents]:
-        if (d/"shared"/"data"/name).exists(): return d/"shared"/"data"/name
-    if sample is None: raise FileNotFoundError(f"shared/data/{name} not found above {Path.cwd()} and no sample given")
-    return pkg/"samples"/sample
+__all__ = ['LABELS', 'UNPARSEABLE', 'FPB_FILE', 'FPB_SAMPLE', 'SENTIMENT_PROMPT', 'REFERENCE', 'load_fpb', 'balanced_split',
+           'sentiment_prompt', 'sft_examples', 'parse_sentiment', 'sentiment_metrics', 'plot_confusions', 'fine_tune',
+           'results_table']
 
 # %% ../nbs/08_sentiment.ipynb #3842388a
 LABELS = ("positive", "neutral", "negative")
