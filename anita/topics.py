@@ -18,7 +18,7 @@ def _samples() -> Path:
     return Path(importlib.util.find_spec("anita").origin).parent/"samples"
 
 def read_table(path):
-    "A pandas DataFrame from a `.jsonl`/`.json`/`.csv`/`.parquet` file, or a `.txt` file as a `text` column (one line per row)."
+    "A DataFrame from a `.jsonl`/`.json`/`.csv`/`.parquet` file, or a `.txt` file as a `text` column (a row a line)."
     import pandas as pd
     p = Path(path).expanduser()
     if not p.exists(): raise FileNotFoundError(f"{p}: data file not found")
@@ -52,13 +52,14 @@ def load_texts(path=None,             # data file; None = the shipped `topics_it
     return texts, df
 
 # %% ../nbs/07_topics.ipynb #ffe48a10
-ITALIAN_STOPWORDS = sorted(set("""a ad al alla alle allo agli ai all anche ancora avere aveva avevo abbiamo avete hanno ha ho hai
-c che chi ci cio ciò come con contro cosa così cui da dal dalla dalle dallo dagli dai dall de del della delle dello degli dei dell
-di dopo dove e è ed era erano essere fa fare fino fra gli già ha i il in io la le lei li lo loro lui ma me mi mia mie mio miei molto
-ne nei nel nella nelle nello negli nell no noi non nostro nostra o ogni oppure per perché però più poco poi quale quando quanto
-quella quelle quello quelli questa queste questo questi qui se sei sembra senza si sia siamo sono sta stato stata su sua sue suo
-sui sul sulla sulle sullo sugli sull tra tu tua tuo tutto tutti tutta tutte un una uno un' l' d' c' all' dell' nell' sull' un po
-va vi voi sempre solo ogni bene meglio bisogna serve fatto fatta ora due tre volte dopo prima ieri oggi stasera sera""".split()))
+ITALIAN_STOPWORDS = sorted(set("""a ad al alla alle allo agli ai all anche ancora avere aveva avevo abbiamo avete hanno
+ha ho hai c che chi ci cio ciò come con contro cosa così cui da dal dalla dalle dallo dagli dai dall de del della
+delle dello degli dei dell di dopo dove e è ed era erano essere fa fare fino fra gli già ha i il in io la le lei li
+lo loro lui ma me mi mia mie mio miei molto ne nei nel nella nelle nello negli nell no noi non nostro nostra o ogni
+oppure per perché però più poco poi quale quando quanto quella quelle quello quelli questa queste questo questi qui
+se sei sembra senza si sia siamo sono sta stato stata su sua sue suo sui sul sulla sulle sullo sugli sull tra tu
+tua tuo tutto tutti tutta tutte un una uno un' l' d' c' all' dell' nell' sull' un po va vi voi sempre solo ogni
+bene meglio bisogna serve fatto fatta ora due tre volte dopo prima ieri oggi stasera sera""".split()))
 
 def build_topic_model(n_neighbors:int=5, n_components:int=10, min_topic_size:int=5, seed:int=42,
                       stop_words=ITALIAN_STOPWORDS, top_n_words:int=10):
@@ -71,8 +72,9 @@ def build_topic_model(n_neighbors:int=5, n_components:int=10, min_topic_size:int
     hdb = HDBSCAN(min_cluster_size=min_topic_size, metric="euclidean", cluster_selection_method="eom",
                   prediction_data=True)
     vec = CountVectorizer(stop_words=list(stop_words) if stop_words else None, token_pattern=r"(?u)\b[^\W\d_]{3,}\b")
-    # language="multilingual": BERTopic's "english" default strips every non-ASCII character (caffè -> caff) before c-TF-IDF;
-    # it only otherwise picks the default embedding model, unused here since embeddings are always passed in
+    # language="multilingual": BERTopic's "english" default strips every non-ASCII character (caffè -> caff)
+    # before c-TF-IDF; it only otherwise picks the default embedding model, unused here since embeddings are
+    # always passed in
     return BERTopic(language="multilingual", umap_model=umap, hdbscan_model=hdb, vectorizer_model=vec,
                     min_topic_size=min_topic_size,
                     top_n_words=top_n_words, calculate_probabilities=False)
@@ -89,16 +91,17 @@ def fit_topics(texts:list, embeddings, n_neighbors:int=5, n_components:int=10, m
     try: topics, _ = tm.fit_transform(texts, embeddings)
     except ValueError as e:
         if "empty vocabulary" not in str(e): raise
-        raise ValueError(f"no keywords left in the {len(texts)} texts after removing stop words and tokens shorter than "
-                         "3 letters: the texts need real words") from None
+        raise ValueError(f"no keywords left in the {len(texts)} texts after removing stop words and tokens "
+                         "shorter than 3 letters: the texts need real words") from None
     if all(t == -1 for t in topics):
-        raise ValueError(f"BERTopic found no topics: all {len(texts)} texts are outliers (topic -1). Lower min_topic_size "
-                         f"(now {min_topic_size}) or n_neighbors (now {n_neighbors}), or give more texts.")
+        raise ValueError(f"BERTopic found no topics: all {len(texts)} texts are outliers (topic -1). "
+                         f"Lower min_topic_size (now {min_topic_size}) or n_neighbors (now {n_neighbors}), "
+                         "or give more texts.")
     return tm, list(map(int, topics))
 
 # %% ../nbs/07_topics.ipynb #36b18770
 def embed_texts(texts:list, embed_model=None, batch_size:int=64):
-    "Sentence embeddings (numpy, L2-normalised) of `texts` with a local sentence-transformers model (default: the shipped MiniLM)."
+    "L2-normalised numpy embeddings of `texts` with a local sentence-transformers model (default: the shipped MiniLM)."
     from sentence_transformers import SentenceTransformer
     from anita.rag import resolve_embedder
     st = SentenceTransformer(resolve_embedder(embed_model), device=device_info()["device"])
@@ -114,7 +117,7 @@ def label_prompt(keywords:list, docs:list, template:str=LABEL_PROMPT) -> str:
 
 # %% ../nbs/07_topics.ipynb #f1b1647a
 def clean_label(text:str, max_words:int=6) -> str:
-    "First line of an LLM answer (or its quoted phrase), without list markers, `Etichetta:` or `Il tema ... è`, at most `max_words` words."
+    "An LLM answer's first line (or quoted phrase) less list markers, `Etichetta:`, `Il tema ... è`; `max_words` max."
     line = next((l for l in (text or "").splitlines() if l.strip()), "")
     q = re.search(r"[\"“«]([^\"”»]{2,60})[\"”»]", line)
     if q: line = q.group(1)
@@ -149,8 +152,9 @@ def topic_table(topic_model, labels:dict=None, n_docs:int=3):
                                           source="none" if t == -1 else "bertopic")
         lab, src = d["label"], d["source"]
         kws = [w for w, _ in (topic_model.get_topic(t) or [])]
+        docs = (topic_model.get_representative_docs(t) or [])[:n_docs] if t != -1 else []
         rows.append(dict(topic=t, count=int(r["Count"]), label=lab, label_source=src, keywords=" ".join(kws),
-                         representative_docs=" | ".join((topic_model.get_representative_docs(t) or [])[:n_docs]) if t != -1 else ""))
+                         representative_docs=" | ".join(docs)))
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_topics.ipynb #155b4dc0
@@ -184,8 +188,9 @@ def plot_topic_sizes(table, path, title:str="Topic sizes"):
 
 # %% ../nbs/07_topics.ipynb #00fb0aff
 def save_figures(topic_model, out_dir, texts:list, embeddings, seed:int=42) -> tuple:
-    """The standard BERTopic figures as HTML files (plotly.js written once as `plotly.min.js` next to them, so they open offline).
-    Returns `(saved, skipped)`: `{name: path}` and `{name: reason}` for figures BERTopic cannot draw for this model."""
+    """The standard BERTopic figures as HTML files (plotly.js written once, as `plotly.min.js` next to them: they
+    open offline). Returns `(saved, skipped)`: `{name: path}` and `{name: reason}` for figures BERTopic cannot
+    draw for this model."""
     from umap import UMAP
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
