@@ -159,6 +159,7 @@ def _model_entry(name, ref, route, specs, raw, elapsed, eval_s, gens, figs) -> d
     n_docs = {t: (v.get("effective") if isinstance(v, dict) else v) for t, v in raw.get("n-samples", {}).items()}
     src = f"lm-eval output of {name!r}"
     return dict(model=ref if isinstance(ref, str) else type(ref).__name__,
+                steps_from_base=steps_from_base(ref) if isinstance(ref, str) else None,   # its place in the recipe
                 model_args=model_args(ref) if isinstance(ref, str) else None, backend=[b for b, sp in route if sp],
                 metrics=extract_metrics(raw, specs, src), stderr=extract_metrics(raw, specs, src, stderr=True),
                 n_shot=raw.get("n-shot", {}), n_docs=n_docs, elapsed_s=round(elapsed, 2), eval_s=round(eval_s, 2),
@@ -274,9 +275,9 @@ def write_outputs(results:dict, out_dir) -> list:
     return [str(x) for x in paths]
 
 # %% ../nbs/05_eval.ipynb #6d57fee5
-def run_eval(run="nbtest", root="runs", **kw) -> dict:
-    "The evaluation step: `evaluate(**kw)` and `write_outputs` into `root/run/05_eval`, with a run manifest."
-    d = run_dir(run, "05_eval", root)
+def run_eval(run="nbtest", root="runs", step_dir=None, **kw) -> dict:
+    "The evaluation step: `evaluate(**kw)` and `write_outputs` into `step_dir` (None: `root/run/05_eval`), with a run manifest."
+    d = Path(step_dir) if step_dir else run_dir(run, "05_eval", root)
     models = parse_models(kw.get("models", {"embedded": "embedded"}), root, run)
     inputs = {n: r for n, r in models.items() if isinstance(r, str) and Path(r).exists()}
     with step_manifest(d, "05_eval",

@@ -22,7 +22,7 @@ def load_heldout(path) -> dict:
     from datasets import load_from_disk
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(f"heldout: {p} is not a folder (the data step writes 01_data/heldout with n_heldout_* > 0)")
+        raise FileNotFoundError(f"heldout: {p} is not a folder (the data step writes `heldout/` in its folder with n_heldout_* > 0)")
     out = {k: load_from_disk(str(p/k)) for k in HELDOUT_KINDS if (p/k).is_dir()}
     if not out: raise FileNotFoundError(f"heldout: {p} has none of {', '.join(HELDOUT_KINDS)}")
     return out
@@ -111,7 +111,7 @@ HELDOUT_FIGURES = [
 
 def _stages(res) -> list:
     ms = res["models"]
-    return sorted(ms, key=lambda n: (step_rank(n, ms[n].get("model", "")), list(ms).index(n)))
+    return sorted(ms, key=lambda n: (step_rank(n, ms[n].get("model", ""), ms[n].get("steps_from_base")), list(ms).index(n)))
 
 def _value(m, kind, field):
     "(value, se) of one figure of one model entry, or None."
@@ -170,8 +170,8 @@ def heldout_table(res, digits:int=3) -> str:
     return "\n".join(L) + "\n"
 
 # %% ../nbs/05c_eval_heldout.ipynb #f6cf7010
-def heldout_report_lines(rd) -> list:
-    "The opening lines of a run report: the evaluation step's held-out table (`05_eval/heldout.md`), or nothing when there is none."
-    p = Path(rd)/"05_eval"/"heldout.md"
+def heldout_report_lines(step_dir) -> list:
+    "The opening lines of a run report: the held-out table of the evaluation step in `step_dir` (its `heldout.md`), or nothing when there is none."
+    p = Path(step_dir)/"heldout.md"
     if not p.exists(): return []
     return [p.read_text(encoding="utf-8").strip(), ""]

@@ -11,7 +11,8 @@ from .eval_harness import evaltasks_dir
 
 # %% auto #0
 __all__ = ['PAPER_TABLES', 'LEADERBOARD_TABLES', 'ANITA_MODEL', 'PAPER_TASKS', 'PAPER_METRICS', 'STEP_ORDER', 'lm_eval_name',
-           'paper_table', 'paper_averages', 'comparison_table', 'to_markdown', 'bar_chart', 'step_rank', 'compare']
+           'paper_table', 'paper_averages', 'comparison_table', 'to_markdown', 'bar_chart', 'steps_from_base',
+           'step_rank', 'compare']
 
 # %% ../nbs/05b_eval_paper.ipynb #3755245f
 PAPER_TABLES = {"en": "table1_en.csv", "it": "table2_it.csv"}
@@ -146,22 +147,39 @@ def bar_chart(df, path, title:str="anita evaluation", max_rows:int=24):
 
 # %% ../nbs/05b_eval_paper.ipynb #07eeaac2
 STEP_ORDER = ("base", "sft", "dpo", "ita")
-_STEP_DIRS = {"02_sft": 1, "03_dpo": 2, "04_ita": 3}
 
-def step_rank(name:str, ref:str="") -> float:
-    "Recipe position of a model (0 base, 1 SFT, 2 DPO, 3 Italian adaptation), from its path or name; unknown = 10 (last)."
-    for part in reversed(Path(str(ref)).parts):
-        if part in _STEP_DIRS: return _STEP_DIRS[part]
+def steps_from_base(ref, _seen=()) -> int|None:
+    """How many steps of a run made the model `ref` (a step's `merged/` folder) from its base model: 1 + that of the model
+    the step started from, which its `manifest.json` names (input `model`); None when `ref` is no step's output."""
+    p = Path(str(ref)).expanduser()
+    mf = p.parent/"manifest.json"
+    if p.name != "merged" or not mf.is_file() or mf.resolve() in _seen: return None
+    src = ((read_json(mf).get("inputs") or {}).get("model") or {}).get("source")
+    return None if src is None else 1 + (steps_from_base(src, (*_seen, mf.resolve())) or 0)
+
+def step_rank(name:str, ref:str="", steps:int=None) -> float:
+    """Recipe position of a model: `steps` from its base (as `steps_from_base` finds it from `ref`, whatever the step
+    folders are called), else from its name (0 base, 1 SFT, 2 DPO, 3 Italian adaptation); unknown = 10 (last)."""
+    if steps is None and ref: steps = steps_from_base(ref)
+    if steps is not None: return steps
     toks = re.split(r"[^a-z0-9]+", str(name).lower())
     hits = [i for i, s in enumerate(STEP_ORDER) if s in toks]
     if hits: return max(hits)
     return 0 if any(t in toks for t in ("embedded", "instruct", "smollm2", "llama3")) else 10
 
 # %% ../nbs/05b_eval_paper.ipynb #2a171fb1
+def _eval_dir(rd:Path) -> Path:
+    "The one step folder of run folder `rd` that holds evaluation results (`results.json`), whatever the recipe named it."
+    found = sorted(d for d in rd.iterdir() if d.is_dir() and (d/"results.json").is_file())
+    if len(found) > 1: raise ValueError(f"{rd}: several steps have evaluation results ({', '.join(d.name for d in found)}): "
+                                        "give the folder of the one to compare")
+    return found[0] if found else rd
+
 def _load_results(x, root="runs") -> tuple:
+    "`(path, results)` of a results file, an evaluation step's folder, a run folder or a run name (under `root`)."
     p = Path(x)
-    if not p.exists() and not p.suffix: p = Path(root)/str(x)/"05_eval"
-    if p.is_dir(): p = p/"05_eval"/"results.json" if (p/"05_eval").is_dir() else p/"results.json"
+    if not p.exists() and not p.suffix: p = Path(root)/str(x)
+    if p.is_dir(): p = (p if (p/"results.json").is_file() else _eval_dir(p))/"results.json"
     if not p.exists(): raise FileNotFoundError(f"{p}: no evaluation results")
     if not p.read_text(encoding="utf-8").strip(): raise ValueError(f"{p}: results file is empty")
     r = read_json(p)
@@ -181,7 +199,7 @@ def compare(runs, root="runs", out_dir=None, paper:bool=True):
                 label = f"{p.parent.parent.name}:{name}"
                 while label in cols: label += "'"
             if label in cols: cols[label][2]["metrics"].update(m.get("metrics", {}))
-            else: cols[label] = (step_rank(name, m.get("model", "")), len(cols),
+            else: cols[label] = (step_rank(name, m.get("model", ""), m.get("steps_from_base")), len(cols),
                                  dict(m, metrics=dict(m.get("metrics", {}))))
     cols = sorted(((v[0], v[1], k, v[2]) for k, v in cols.items()), key=lambda c: (c[0], c[1]))
     df = comparison_table(dict(models={c[2]: c[3] for c in cols}), paper_table() if paper else paper_table().iloc[:0])

@@ -463,20 +463,40 @@ def test_no_step_folder_names_in_the_recipes():
         assert not re.search(r"\{run\}/\d\d_", text), name
         assert "{steps.sft}/merged" in text and "{steps.data}" in text
 
-def test_renamed_data_folder_real_steps(tmp_path):
-    "The tiny recipe's data, sft and dpo steps (real notebooks, sizes shrunk) with the data step's folder renamed: the run completes."
+RENAMED = dict(data="prepared", sft="tuned", dpo="aligned", ita="italian", eval="scores", export="gguf")
+
+@pytest.mark.timeout(3600)   # six real steps: about 5 minutes on an idle 2-core CPU
+def test_every_step_folder_renamed_real_steps(tmp_path):
+    """The tiny recipe (real notebooks, sizes shrunk) with every step's folder renamed by `dir:`: the run completes, each step
+    reads the ones before it from their new folders, and the evaluation (models ordered by the chain of step manifests,
+    not by folder names) and its held-out figures reach the report and `compare`."""
     import yaml
+    from anita.eval import compare
     tiny = yaml.safe_load((ROOT/"anita"/"recipes"/"tiny.yaml").read_text())
-    tiny["steps"] = {k: tiny["steps"][k] for k in ("data", "sft", "dpo")}
-    tiny["steps"]["data"]["dir"] = "prepared"
+    assert list(tiny["steps"]) == list(RENAMED)
+    for n, d in RENAMED.items(): tiny["steps"][n]["dir"] = d
+    tiny["steps"]["eval"]["params"]["models"] = {"ita": "{steps.ita}/merged", "base": "embedded"}   # 2 of the 4 (time)
     tiny["nbs_dir"] = str(ROOT/"nbs")
     (tmp_path/"renamed.yaml").write_text(yaml.safe_dump(tiny, sort_keys=False))
-    sizes = ["sft.max_steps=2", "sft.save_steps=2", "sft.gen_max_new_tokens=4", "dpo.max_steps=2", "dpo.save_steps=2",
-             "dpo.gen_max_new_tokens=4"]
+    sizes = [f"data.n_heldout_{k}=4" for k in ("sft", "dpo", "ita", "en")]
+    sizes += [f"{s}.{k}={v}" for s in ("sft", "dpo", "ita") for k, v in (("max_steps", 2), ("save_steps", 2), ("gen_max_new_tokens", 4))]
+    sizes += ["eval.suite=anita_mc_en", "eval.limit=4", "eval.heldout_max_length=64", "eval.gen_max_new_tokens=4",
+              "export.types=[f16]", "export.max_new_tokens=4", "export.llama_cpp_check=false"]
     assert run_recipe(tmp_path/"renamed.yaml", run="r", root=tmp_path/"runs", sets=sizes, progress=False, log=lambda s: None) == \
-        dict(data="ran", sft="ran", dpo="ran")
+        {n: "ran" for n in RENAMED}
     rd = tmp_path/"runs"/"r"
-    assert sorted(p.name for p in rd.iterdir() if p.is_dir()) == ["02_sft", "03_dpo", "logs", "prepared"]
-    for d in ("prepared", "02_sft", "03_dpo"): assert read_json(rd/d/"manifest.json")["status"] == "completed", d
-    assert read_json(rd/"02_sft/manifest.json")["params"]["data_dir"] == str(rd/"prepared")
-    assert read_json(rd/"03_dpo/manifest.json")["params"]["model"] == str(rd/"02_sft"/"merged")
+    assert sorted(p.name for p in rd.iterdir() if p.is_dir()) == sorted([*RENAMED.values(), "logs"])
+    for d in RENAMED.values(): assert read_json(rd/d/"manifest.json")["status"] == "completed", d
+    assert read_json(rd/"tuned/manifest.json")["params"]["data_dir"] == str(rd/"prepared")
+    assert read_json(rd/"aligned/manifest.json")["params"]["model"] == str(rd/"tuned"/"merged")
+    assert read_json(rd/"italian/manifest.json")["params"]["model"] == str(rd/"aligned"/"merged")
+    res = read_json(rd/"scores"/"results.json")
+    assert {n: m["steps_from_base"] for n, m in res["models"].items()} == dict(ita=3, base=None)   # ita <- dpo <- sft <- base
+    assert res["params"]["heldout"] == str(rd/"prepared"/"heldout")
+    held = (rd/"scores"/"heldout.md").read_text()
+    assert "| figure | n | base | ita | step's change |" in held and "ita − base" in held   # recipe order, not the mapping's
+    assert (rd/"gguf"/"anita-F16.gguf").stat().st_size > 0 and read_json(rd/"gguf"/"report.json")["passed"]
+    rep = (rd/"report.md").read_text()
+    assert "## Evaluation" in rep and "### eval" in rep and "anita_mc_en" in rep and "![eval chart](scores/chart.png)" in rep
+    assert held.strip().splitlines()[0] in rep and "## Export checks" in rep and "[scores.ipynb](scores.ipynb)" in rep
+    assert list(compare(rd, paper=False).columns) == ["base", "ita"]   # the run's folder: its results found, whatever their folder

@@ -12,7 +12,7 @@ from anita.ita import ITAStepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = dict(sft=("02_sft.ipynb", SFTStepConfig), dpo=("03_dpo.ipynb", DPOStepConfig), ita=("04_ita.ipynb", ITAStepConfig))
-NOTEBOOK_ONLY = {"run", "root", "data_dir", "n_train"}   # where the step reads and writes, and how many rows: not training
+NOTEBOOK_ONLY = {"run", "root", "step_dir", "data_dir", "n_train"}   # where the step reads and writes, and how many rows: not training
 CHAINED = {"model", "data_dir"}                           # set by the pipeline from the previous step's output
 
 def _recipe(name): return yaml.safe_load((ROOT/"anita"/"recipes"/f"{name}.yaml").read_text())["steps"]
