@@ -66,7 +66,8 @@ def test_unsloth_loads_exactly_the_named_model_and_merges_into_it(fake_unsloth, 
     assert not (tmp_path/"merged"/"_adapter").exists()
 
 def test_unsloth_must_come_first(fake_unsloth, monkeypatch):
-    monkeypatch.setattr(S, "pick_backend", lambda b, m=None: "unsloth")
+    import anita.backends as B                   # `prepare_backend` lives there (re-exported by `anita.sft`)
+    monkeypatch.setattr(B, "pick_backend", lambda b, m=None: "unsloth")
     monkeypatch.delitem(sys.modules, "unsloth")
     assert "transformers" in sys.modules        # imported by the test above / conftest
     with pytest.raises(RuntimeError, match="must be imported before"): S.prepare_backend("unsloth")
