@@ -16,8 +16,7 @@ from .sources import _dataset, _finish, _source_name
 __all__ = ['SFT_HUB', 'DPO_HUB', 'ITA_HUB', 'SAMPLE_FILES', 'ALPACA_PREAMBLE', 'ALPACA_PREAMBLE_INPUT', 'ALPACA_TEMPLATE',
            'ALPACA_TEMPLATE_INPUT', 'MC4_IT_CONFIGS', 'STEP_COLUMNS', 'sample_path', 'eot_token', 'bos_string',
            'get_tokenizer', 'strip_markers', 'alpaca_prompt', 'prepare_sft', 'split_pair', 'prepare_dpo',
-           'mc4_it_files', 'reservoir_sample', 'prepare_ita', 'token_lengths', 'length_stats', 'split_heldout',
-           'plot_token_lengths', 'run_data_step']
+           'mc4_it_files', 'reservoir_sample', 'prepare_ita', 'token_lengths', 'split_heldout', 'run_data_step']
 
 # %% ../nbs/01_data.ipynb #ba5dfc71
 SFT_HUB = "Chat-Error/wizard_alpaca_dolly_orca"
@@ -313,15 +312,6 @@ def token_lengths(ds, tokenizer, columns:tuple, batch_size:int=1000) -> list:
         out += [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
     return out
 
-# %% ../nbs/01_data.ipynb #ddc0f80d
-def length_stats(lengths:list) -> dict:
-    "Count, mean, min, max and the 50/90/95/99th percentiles (nearest rank) of `lengths`."
-    if not lengths: return dict(count=0)
-    s = sorted(lengths)
-    pct = lambda q: s[min(len(s)-1, max(0, -(-q*len(s)//100) - 1))]
-    return dict(count=len(s), mean=round(sum(s)/len(s), 1), min=s[0], p50=pct(50), p90=pct(90), p95=pct(95),
-                p99=pct(99), max=s[-1])
-
 # %% ../nbs/01_data.ipynb #b18e78b1
 def split_heldout(ds,                 # a `datasets.Dataset`
                   n:int,              # rows to hold out (0: none)
@@ -337,22 +327,6 @@ def split_heldout(ds,                 # a `datasets.Dataset`
 
 # %% ../nbs/01_data.ipynb #0cc5033e
 STEP_COLUMNS = dict(sft=("prompt", "completion"), dpo=("prompt", "chosen"), ita=("text",))
-
-def plot_token_lengths(lengths:dict, path) -> Path:
-    "Save a small histogram of the token lengths of each dataset (`{name: [lengths]}`) to `path` (PNG, atomic)."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = [k for k, v in lengths.items() if v]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.2*max(1, len(names)), 2.6), dpi=80, squeeze=False)
-    for ax, k in zip(axes[0], names):
-        ax.hist(lengths[k], bins=20, color="tab:green")
-        ax.set_title(f"{k} (n={len(lengths[k])})")
-        ax.set_xlabel("tokens")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f: fig.savefig(f, format="png")
-    plt.close(fig)
-    return Path(path)
 
 # %% ../nbs/01_data.ipynb #181e4445
 def _save(ds, path) -> Path:
