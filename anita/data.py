@@ -16,8 +16,7 @@ from .sources import _dataset, _finish, _source_name
 __all__ = ['SFT_HUB', 'DPO_HUB', 'ITA_HUB', 'SAMPLE_FILES', 'ALPACA_PREAMBLE', 'ALPACA_PREAMBLE_INPUT', 'ALPACA_TEMPLATE',
            'ALPACA_TEMPLATE_INPUT', 'MC4_IT_CONFIGS', 'STEP_COLUMNS', 'sample_path', 'eot_token', 'bos_string',
            'get_tokenizer', 'strip_markers', 'alpaca_prompt', 'prepare_sft', 'split_pair', 'prepare_dpo',
-           'mc4_it_files', 'reservoir_sample', 'prepare_ita', 'token_lengths', 'length_stats', 'split_heldout',
-           'plot_token_lengths', 'run_data_step']
+           'mc4_it_files', 'reservoir_sample', 'prepare_ita', 'token_lengths', 'split_heldout', 'run_data_step']
 
 # %% ../nbs/01_data.ipynb #ba5dfc71
 SFT_HUB = "Chat-Error/wizard_alpaca_dolly_orca"
@@ -182,6 +181,34 @@ def _by_source(per:dict, rows:list) -> dict:
     return {s: dict(kept=kept[s], excluded=c["excluded"], bad=c["bad"], dropped=c["excluded"] + c["bad"])
             for s, c in sorted(per.items())}
 
+# %% ../nbs/01_data.ipynb #643e6667
+def _dpo_rows(rows,                  # the source's rows
+              name:str, tok, eot:str, # source name (for messages), tokenizer, end-of-turn token
+              excl:dict,             # `source` labels to drop
+              bad:BadRows,           # where bad rows are counted
+              limit:int=None, system_prompt:str=None) -> tuple:
+    "`(records, rows read, rows excluded per label, per-source counts)`: each row rendered (`_dpo_record`), excluded by its `source` label, or counted bad."
+    out, n, hits, per = [], 0, Counter(), {}
+    for i, row in enumerate(rows):
+        if limit is not None and i >= limit: break
+        n += 1
+        if not isinstance(row, dict):
+            bad.add(i, f"row: wrong type {type(row).__name__}")
+            continue
+        src = row.get("source") if isinstance(row.get("source"), str) and row.get("source") else "unknown"
+        st = per.setdefault(src, Counter())
+        if _label(src) in excl:
+            hits[_label(src)] += 1
+            st["excluded"] += 1
+            continue
+        r = _dpo_record(row, f"{name}: row {i}", tok, eot, system_prompt)
+        if isinstance(r, str):
+            bad.add(i, r)
+            st["bad"] += 1
+            continue
+        out.append(dict(r, source=src))
+    return out, n, hits, per
+
 # %% ../nbs/01_data.ipynb #f9b17810
 def prepare_dpo(source,                                # Hub id (default dataset: `DPO_HUB`), local file/folder, list or `datasets` object
                 tokenizer,                             # tokenizer (its chat template renders the prompt), or model name/folder
@@ -201,25 +228,8 @@ def prepare_dpo(source,                                # Hub id (default dataset
     eot, name = eot_token(tok), _source_name(source)
     if isinstance(exclude_sources, str): exclude_sources = [exclude_sources]
     excl = {_label(e): e for e in (exclude_sources or ())}
-    bad, rows, n, hits, per = BadRows(name, max_bad_frac), [], 0, Counter(), {}
-    for i, row in enumerate(iter_rows(source, split)):
-        if limit is not None and i >= limit: break
-        n += 1
-        if not isinstance(row, dict):
-            bad.add(i, f"row: wrong type {type(row).__name__}")
-            continue
-        src = row.get("source") if isinstance(row.get("source"), str) and row.get("source") else "unknown"
-        st = per.setdefault(src, Counter())
-        if _label(src) in excl:
-            hits[_label(src)] += 1
-            st["excluded"] += 1
-            continue
-        r = _dpo_record(row, f"{name}: row {i}", tok, eot, system_prompt)
-        if isinstance(r, str):
-            bad.add(i, r)
-            st["bad"] += 1
-            continue
-        rows.append(dict(r, source=src))
+    bad = BadRows(name, max_bad_frac)
+    rows, n, hits, per = _dpo_rows(iter_rows(source, split), name, tok, eot, excl, bad, limit, system_prompt)
     warn = [f"exclude_sources entry {e!r} matched no row of {name}" for k, e in excl.items() if not hits[k]]
     for w in warn: warnings.warn(w)
     rows, report = _finish(rows, ("prompt", "chosen", "rejected"), name, bad, n, dedup,
@@ -302,15 +312,6 @@ def token_lengths(ds, tokenizer, columns:tuple, batch_size:int=1000) -> list:
         out += [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
     return out
 
-# %% ../nbs/01_data.ipynb #ddc0f80d
-def length_stats(lengths:list) -> dict:
-    "Count, mean, min, max and the 50/90/95/99th percentiles (nearest rank) of `lengths`."
-    if not lengths: return dict(count=0)
-    s = sorted(lengths)
-    pct = lambda q: s[min(len(s)-1, max(0, -(-q*len(s)//100) - 1))]
-    return dict(count=len(s), mean=round(sum(s)/len(s), 1), min=s[0], p50=pct(50), p90=pct(90), p95=pct(95),
-                p99=pct(99), max=s[-1])
-
 # %% ../nbs/01_data.ipynb #b18e78b1
 def split_heldout(ds,                 # a `datasets.Dataset`
                   n:int,              # rows to hold out (0: none)
@@ -326,22 +327,6 @@ def split_heldout(ds,                 # a `datasets.Dataset`
 
 # %% ../nbs/01_data.ipynb #0cc5033e
 STEP_COLUMNS = dict(sft=("prompt", "completion"), dpo=("prompt", "chosen"), ita=("text",))
-
-def plot_token_lengths(lengths:dict, path) -> Path:
-    "Save a small histogram of the token lengths of each dataset (`{name: [lengths]}`) to `path` (PNG, atomic)."
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = [k for k, v in lengths.items() if v]
-    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.2*max(1, len(names)), 2.6), dpi=80, squeeze=False)
-    for ax, k in zip(axes[0], names):
-        ax.hist(lengths[k], bins=20, color="tab:green")
-        ax.set_title(f"{k} (n={len(lengths[k])})")
-        ax.set_xlabel("tokens")
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f: fig.savefig(f, format="png")
-    plt.close(fig)
-    return Path(path)
 
 # %% ../nbs/01_data.ipynb #181e4445
 def _save(ds, path) -> Path:
@@ -369,6 +354,21 @@ def _heldout_en(src, tok, n:int, seed:int, max_bad_frac:float):
     if len(ds) < n: raise ValueError(f"{src}: {len(ds)} paragraphs, n_heldout_en={n}")
     return ds
 
+# %% ../nbs/01_data.ipynb #a3181369
+def _data_sources(sft=None, dpo=None, ita=None, en=None, # sources (None: the shipped samples)
+                  n_heldout_en:int=0                     # English held-out rows (`en` only when asked for)
+                 ) -> dict:
+    "The data step's sources by part: the given ones, else the shipped samples."
+    srcs = dict(sft=sft or str(sample_path("sft")), dpo=dpo or str(sample_path("dpo")), ita=ita or str(sample_path("ita")))
+    if n_heldout_en: srcs["en"] = en or str(sample_path("en"))
+    return srcs
+
+def _save_data(step, dss:dict, held:dict, report:dict, lengths:dict) -> list:
+    "Save the datasets (`{part: (ds, report)}`), the non-empty held-out splits, `report.json` and the token-length plot into `step`; the paths written."
+    out = [_save(ds, step/k) for k, (ds, _) in dss.items()]
+    out += [_save(ds, step/"heldout"/k) for k, ds in held.items() if len(ds)]
+    return out + [write_json(step/"report.json", report), plot_token_lengths(lengths, step/"token_lengths.png")]
+
 # %% ../nbs/01_data.ipynb #45e3bb77
 def run_data_step(run:str="nbtest", root="runs",
                   model:str="embedded",          # tokenizer source: `embedded`, `tiny-llama3`, a folder or a Hub id
@@ -384,14 +384,12 @@ def run_data_step(run:str="nbtest", root="runs",
                   step_dir=None) -> dict:  # the step's folder (None: `run_dir(run, '01_data', root)`)
     "Prepare SFT, DPO and Italian data (and held-out splits) into `step_dir`; returns the report."
     step = Path(step_dir) if step_dir else run_dir(run, "01_data", root)
-    srcs = dict(sft=sft_source or str(sample_path("sft")), dpo=dpo_source or str(sample_path("dpo")),
-                ita=ita_source or str(sample_path("ita")))
+    srcs = _data_sources(sft_source, dpo_source, ita_source, en_source, n_heldout_en)
     decontaminate = eval_texts(decontaminate)
     params = dict(model=model, n_sft=n_sft, n_dpo=n_dpo, n_ita=n_ita, seed=seed, ita_config=ita_config,
                   ita_max_files=ita_max_files, exclude_sources=list(exclude_sources or ()), system_prompt=system_prompt,
                   max_bad_frac=max_bad_frac, decontaminate=len(decontaminate or []), ngram=ngram,
                   n_heldout=dict(sft=n_heldout_sft, dpo=n_heldout_dpo, ita=n_heldout_ita, en=n_heldout_en))
-    if n_heldout_en: srcs["en"] = en_source or str(sample_path("en"))
     with step_manifest(step, "01_data", params, inputs=srcs) as outputs:
         tok = get_tokenizer(model)
         common = dict(max_bad_frac=max_bad_frac, decontaminate=decontaminate, ngram=ngram, return_report=True)
@@ -406,9 +404,5 @@ def run_data_step(run:str="nbtest", root="runs",
         report = dict(tokenizer=getattr(tok, "name_or_path", str(model)), sources=srcs,
                       **{k: dict(rep, token_lengths=length_stats(lengths[k])) for k, (_, rep) in dss.items()})
         report["heldout"] = {k: len(v) for k, v in held.items() if len(v)}
-        for k, (ds, _) in dss.items(): outputs.append(_save(ds, step/k))
-        for k, ds in held.items():
-            if len(ds): outputs.append(_save(ds, step/"heldout"/k))
-        outputs.append(write_json(step/"report.json", report))
-        outputs.append(plot_token_lengths(lengths, step/"token_lengths.png"))
+        outputs += _save_data(step, dss, held, report, lengths)
     return report

@@ -167,6 +167,31 @@ def _model_entry(name, ref, route, specs, raw, elapsed, eval_s, gens, figs) -> d
                 generations=gens, heldout=figs, raw=raw)
 
 # %% ../nbs/05_eval.ipynb #db578db4
+def _eval_route(ref,                     # the model (a name/folder we load, or an LM object)
+                route:list,              # `(backend, tasks)` passes (see `_route`)
+                tm, held:dict,           # lm-eval's task manager, held-out rows (`load_heldout`)
+                p:dict,                  # `evaluate`'s recorded parameters: the options each pass runs with
+                device:str=None, log_samples:bool=False, heldout_max_length:int=1024, heldout_batch_size:int=8) -> tuple:
+    "`(raw lm-eval outputs, seconds in lm-eval, generations, held-out figures)` of one model, pass by pass along `route`."
+    raw, eval_s, gens, figs = {}, 0.0, [], None
+    for j, (be, sp) in enumerate(route):
+        lm = make_lm(ref, be, p["batch_size"], p["max_batch_size"], device, p["dtype"], p["max_length"],
+                     gpu_memory_utilization=p["gpu_memory_utilization"])
+        try:
+            if sp:
+                t1 = time.time()
+                _merge_raw(raw, run_lm_eval(lm, sp, tm, p["num_fewshot"], p["limit"], p["apply_chat_template"],
+                                            p["system_prompt"], log_samples, p["seed"]))
+                eval_s += time.time() - t1
+            if held and be == "hf":
+                figs = heldout_model_figures(lm.model, lm.tokenizer, held, heldout_max_length, heldout_batch_size)
+            if j == len(route) - 1 and p["gen_max_new_tokens"]:
+                gens = generate_samples(lm, system_prompt=p["gen_system_prompt"], max_new_tokens=p["gen_max_new_tokens"])
+        finally:
+            if isinstance(ref, str): free_lm(lm)    # ours: before vLLM starts, and before the next model
+            del lm
+    return raw, eval_s, gens, figs
+
 def evaluate(models={"embedded": "embedded"}, suite="local", num_fewshot:int=None, limit=None, batch_size="auto",
              max_batch_size:int=64, backend:str="hf", device:str=None, dtype:str="auto", apply_chat_template:bool=False,
              system_prompt:str=None, gen_max_new_tokens:int=32, gen_system_prompt:str=ANITA_SYSTEM_PROMPT,
@@ -191,23 +216,8 @@ def evaluate(models={"embedded": "embedded"}, suite="local", num_fewshot:int=Non
     res = dict(params=params, suite=specs, models={})
     for name, ref in models.items():
         t0, route = time.time(), _route(backend, specs, bool(held))
-        raw, eval_s, gens, figs = {}, 0.0, [], None
-        for j, (be, sp) in enumerate(route):
-            lm = make_lm(ref, be, batch_size, max_batch_size, device, dtype, max_length,
-                         gpu_memory_utilization=gpu_memory_utilization)
-            try:
-                if sp:
-                    t1 = time.time()
-                    _merge_raw(raw, run_lm_eval(lm, sp, tm, num_fewshot, limit, apply_chat_template, system_prompt,
-                                                log_samples, seed))
-                    eval_s += time.time() - t1
-                if held and be == "hf":
-                    figs = heldout_model_figures(lm.model, lm.tokenizer, held, heldout_max_length, heldout_batch_size)
-                if j == len(route) - 1 and gen_max_new_tokens:
-                    gens = generate_samples(lm, system_prompt=gen_system_prompt, max_new_tokens=gen_max_new_tokens)
-            finally:
-                if isinstance(ref, str): free_lm(lm)    # ours: before vLLM starts, and before the next model
-                del lm
+        raw, eval_s, gens, figs = _eval_route(ref, route, tm, held, params, device, log_samples, heldout_max_length,
+                                              heldout_batch_size)
         res["models"][name] = _model_entry(name, ref, route, specs, raw, time.time() - t0, eval_s, gens, figs)
     return res
 

