@@ -219,7 +219,8 @@ def test_packing_auto_is_kept_on_resume(tiny_llama3_dir, tmp_path):
     "`packing='auto'` measures once: the choice goes beside the checkpoints and a resumed run trains the same way."
     ds = _data("sft", _tok(tiny_llama3_dir))
     ds = ds.select(range(min(12, len(ds))))
-    opts = {**FAST, **dict(max_steps=2, save_steps=2, packing="auto", generate=False, merge=False)}
+    # max_length 256: with the stand-in tokenizer (no ../shared) the sample's prompts pass FAST's 64 tokens
+    opts = {**FAST, **dict(max_length=256, max_steps=2, save_steps=2, packing="auto", generate=False, merge=False)}
     r1 = S.train_sft(tiny_llama3_dir, ds, tmp_path/"s", **opts)["report"]
     m = r1["data"]["packing_measured"]
     assert m["packed_tokens_per_s"] > 0 and m["padded_tokens_per_s"] > 0 and r1["plan"]["packed"] == m["packing"]
