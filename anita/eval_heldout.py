@@ -11,7 +11,7 @@ from .eval_paper import step_rank
 
 # %% auto #0
 __all__ = ['HELDOUT_KINDS', 'HELDOUT_FIGURES', 'load_heldout', 'row_nll', 'mean_se', 'ratio_se', 'loss_figure',
-           'preference_figure', 'heldout_model_figures', 'step_effects', 'heldout_table', 'heldout_report_lines']
+           'preference_figure', 'heldout_model_figures', 'step_effects', 'heldout_table']
 
 # %% ../nbs/05c_eval_heldout.ipynb #c9cd3c90
 HELDOUT_KINDS = ("sft", "dpo", "ita", "en")
@@ -168,10 +168,3 @@ def heldout_table(res, digits:int=3) -> str:
         ch = (f"{step} − {e['vs']}: {e['delta']:+.{digits}f} ± {e['se']:.{digits}f}" + (" ✓" if e["ok"] else " ✗" if e["ok"] is False else "")) if e else ""
         L.append(f"| {label} | {n} | " + " | ".join(cells) + f" | {ch} |")
     return "\n".join(L) + "\n"
-
-# %% ../nbs/05c_eval_heldout.ipynb #f6cf7010
-def heldout_report_lines(step_dir) -> list:
-    "The opening lines of a run report: the held-out table of the evaluation step in `step_dir` (its `heldout.md`), or nothing when there is none."
-    p = Path(step_dir)/"heldout.md"
-    if not p.exists(): return []
-    return [p.read_text(encoding="utf-8").strip(), ""]

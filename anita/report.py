@@ -87,7 +87,7 @@ def step_figures(sd:Path) -> list:
     tps = _tokens_per_s(tl) or next((v for k, v in _scalars(rep if isinstance(rep, dict) else {}) if "tokens_per_s" in k), None)
     figs = [("loss (first → last logged)", _loss_line(sd))] if _loss_line(sd) else []
     if tps: figs.append(("tokens/s (mean)", f"{tps:.1f}"))
-    if _packing_figure(rep): figs.append(("packing: auto", _packing_figure(rep)))
+    if packing := _packing_figure(rep): figs.append(("packing: auto", packing))
     return figs + ([(k, v) for k, v in _scalars(rep) if _key_figure(k, v)][:40] if isinstance(rep, dict) else [])
 
 def _table(rows, head=("figure", "value")) -> list:
