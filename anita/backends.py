@@ -7,13 +7,15 @@ from __future__ import annotations
 import json, os, shutil
 from importlib import util as importlib_util
 from pathlib import Path
-from .core import device_info, ensure_pad_token, read_json, resolve_model, seed_everything
+from .core import (OUTPUTS_READY, device_info, ensure_pad_token, read_json, resolve_model, seed_everything,
+                        process_rank, barrier)
 from .trainconfig import TrainStepConfig
 
 # %% auto #0
-__all__ = ['CPU_MAX_PARAMS', 'PATCHED_BY_UNSLOTH', 'estimate_params', 'cuda_diagnosis', 'pick_backend', 'import_order_problems',
-           'prepare_backend', 'require_model_input', 'lora_config', 'local_device_map', 'world_size', 'pick_attn',
-           'load_for_training', 'TorchLogProbs', 'ensure_logprob_kernel']
+__all__ = ['CPU_MAX_PARAMS', 'PATCHED_BY_UNSLOTH', 'DDP_TIMEOUT_S', 'estimate_params', 'cuda_diagnosis', 'pick_backend',
+           'import_order_problems', 'prepare_backend', 'require_model_input', 'lora_config', 'local_device_map',
+           'world_size', 'pick_attn', 'load_for_training', 'init_distributed', 'on_rank0', 'all_ranks', 'TorchLogProbs',
+           'ensure_logprob_kernel']
 
 # %% ../nbs/02c_backends.ipynb #8beb8558
 def _has(mod): return importlib_util.find_spec(mod) is not None
@@ -71,14 +73,21 @@ def pick_backend(backend:str="auto", # auto | unsloth | hf | cpu
     cuda = device_info()["device"] == "cuda"
     if backend not in ("auto", "unsloth", "hf", "cpu"):
         raise ValueError(f"backend={backend!r}: expected auto, unsloth, hf or cpu")
+    n_proc = int(os.environ.get("WORLD_SIZE", 1))   # training processes (`world_size`, below)
+    if backend == "unsloth" and n_proc > 1:
+        raise RuntimeError(f"backend='unsloth' with {n_proc} training processes (WORLD_SIZE): anita trains several "
+                           "processes (DDP) with backend='hf' (transformers + peft + bitsandbytes) or 'cpu' only; "
+                           "unsloth's multi-GPU support is not what anita's checkpoints, merge and tests use: "
+                           "set backend=hf, or run one process")
     if backend == "auto":
-        choice = "unsloth" if cuda and _has("unsloth") else "hf" if cuda else "cpu"
+        choice = "unsloth" if cuda and _has("unsloth") and n_proc == 1 else "hf" if cuda else "cpu"
         n = estimate_params(model) if choice == "cpu" and model is not None else 0
         if n is None or n > CPU_MAX_PARAMS:
             size = "of unknown size (no config.json found locally)" if n is None else f"with ~{n/1e9:.1f}B parameters"
             raise RuntimeError(f"backend='auto' found no usable CUDA GPU, and model={model!r} is {size}: refusing to train "
                                f"it on the CPU. {cuda_diagnosis()}")
-        print(f"backend=auto -> {choice} (cuda={cuda}, unsloth={'installed' if _has('unsloth') else 'absent'})")
+        print(f"backend=auto -> {choice} (cuda={cuda}, unsloth={'installed' if _has('unsloth') else 'absent'}"
+              + (f", {n_proc} processes: DDP with hf or cpu)" if n_proc > 1 else ")"))
         return choice
     if backend in ("unsloth", "hf") and not cuda:
         raise RuntimeError(f"backend={backend!r} needs a CUDA GPU and none is usable. {cuda_diagnosis()}")
@@ -112,7 +121,7 @@ def prepare_backend(backend:str="auto", # auto | unsloth | hf | cpu
 # %% ../nbs/02c_backends.ipynb #d43c111d
 def require_model_input(model:str # Hub id, alias, or local folder (a previous step's `merged/`)
                        ) -> str:
-    "Resolve `model`; for a step output (`<step>/merged`) check the step's manifest is `completed` and weights exist."
+    "Resolve `model`; for a step output (`<step>/merged`) check its manifest says its outputs are written, and weights."
     p = Path(str(model)).expanduser()
     step_dir = p.parent if p.name == "merged" else None
     if step_dir is not None or (str(model).startswith((".", "/", "~")) or p.exists()):
@@ -122,7 +131,8 @@ def require_model_input(model:str # Hub id, alias, or local folder (a previous s
             mf = step_dir/"manifest.json"
             if not mf.exists(): raise FileNotFoundError(f"{mf}: missing: the previous step did not finish; rerun it")
             st = read_json(mf).get("status")
-            if st != "completed": raise ValueError(f"{mf}: status is {st!r}, not 'completed': rerun the previous step")
+            if st not in OUTPUTS_READY:
+                raise ValueError(f"{mf}: status is {st!r}, not 'completed' (nor 'outputs-written'): rerun that step")
         if p.is_dir() and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
             raise FileNotFoundError(f"{p}: no model weights (*.safetensors) in the folder")
     return resolve_model(str(model))
@@ -189,6 +199,46 @@ def load_for_training(model:str, backend:str="cpu", load_in_4bit:bool=TrainStepC
     else: m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
     m.config.use_cache = False  # a KV cache in the forward pass turns off packed-sequence masking: see below
     return get_peft_model(m, lora_config(**lora)), ensure_pad_token(tok)
+
+# %% ../nbs/02c_backends.ipynb #bb4a5eea
+DDP_TIMEOUT_S = 3600   # how long a rank waits for the others (rank 0 merging an 8B model takes minutes)
+
+def init_distributed(gpu:bool=False # NCCL on this process's GPU (`LOCAL_RANK`), else gloo on the CPU
+                    ) -> bool:
+    "Join the group of the training processes from torchrun's environment; False when there is one process."
+    if world_size() < 2: return False
+    import torch, torch.distributed as dist
+    from datetime import timedelta
+    if not dist.is_initialized():
+        if gpu: torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    return True
+
+def _group() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+def on_rank0(fn):
+    "`fn()` run on rank 0 only, its result given to every rank; its error is raised on every rank."
+    if not _group(): return fn()
+    import torch.distributed as dist
+    box, err = [None], None
+    if dist.get_rank() == 0:
+        try: box = [("ok", fn())]
+        except BaseException as e: box, err = [("error", f"{type(e).__name__}: {e}")], e
+    dist.broadcast_object_list(box, src=0)
+    if err is not None: raise err
+    kind, val = box[0]
+    if kind == "error": raise RuntimeError(f"rank 0 failed: {val}")
+    return val
+
+def all_ranks(x) -> list:
+    "`x` of every training process, in rank order (`[x]` with one process)."
+    if not _group(): return [x]
+    import torch.distributed as dist
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, x)
+    return out
 
 # %% ../nbs/02c_backends.ipynb #8e7e265b
 class TorchLogProbs:

@@ -195,7 +195,7 @@ def plan_text(p:dict) -> str:
     rows = (f"{p['rows']} rows (mean {p['mean_row_tokens']:.0f} tokens) packed into {p['train_rows']} rows "
             f"(mean {p['mean_train_row_tokens']:.0f} tokens)" if p["packed"] else f"{p['rows']} rows (mean {p['mean_row_tokens']:.0f} tokens)")
     warn = "  WARNING: the warm-up is longer than the run" if p["warmup_steps"] > p["optimizer_steps"] else ""
-    return (f"plan: {rows}; micro-batch {p['micro_batch']} x grad_accum {p['grad_accum']} x {p['world_size']} GPU(s) "
+    return (f"plan: {rows}; micro-batch {p['micro_batch']} x grad_accum {p['grad_accum']} x {p['world_size']} process(es) "
             f"= ~{p['tokens_per_step']} real tokens per optimizer step (target {p['target_tokens_per_step']}); "
             f"{p['steps_per_epoch']} steps per epoch, {p['optimizer_steps']} optimizer steps; warm-up {p['warmup_steps']} "
             f"steps ({100*(p['warmup_share'] or 0):.0f}% of the run){warn}")

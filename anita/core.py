@@ -10,11 +10,11 @@ from importlib import metadata, util as importlib_util
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['PAPER_BASE', 'ANITA_SYSTEM_PROMPT', 'LLAMA3_CHAT_TEMPLATE', 'SMOLLM2_GGUF', 'EMBEDDED_FORMAT', 'LLAMA3_PATTERN',
-           'cache_dir', 'run_dir', 'find_data', 'seed_everything', 'atomic_write', 'atomic_dir', 'write_json',
-           'read_json', 'device_info', 'package_versions', 'git_commit', 'fingerprint', 'write_manifest',
-           'read_manifest', 'step_manifest', 'embedded_base', 'llama3_special_tokens', 'find_llama3_tokenizer_model',
-           'llama3_tokenizer', 'tiny_llama3', 'resolve_model', 'ensure_pad_token']
+__all__ = ['PAPER_BASE', 'ANITA_SYSTEM_PROMPT', 'LLAMA3_CHAT_TEMPLATE', 'OUTPUTS_READY', 'SMOLLM2_GGUF', 'EMBEDDED_FORMAT',
+           'LLAMA3_PATTERN', 'cache_dir', 'run_dir', 'find_data', 'seed_everything', 'atomic_write', 'atomic_dir',
+           'write_json', 'read_json', 'device_info', 'package_versions', 'git_commit', 'fingerprint', 'write_manifest',
+           'read_manifest', 'process_rank', 'barrier', 'step_manifest', 'embedded_base', 'llama3_special_tokens',
+           'find_llama3_tokenizer_model', 'llama3_tokenizer', 'tiny_llama3', 'resolve_model', 'ensure_pad_token']
 
 # %% ../nbs/00_core.ipynb #64ae997c
 PAPER_BASE = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -176,6 +176,8 @@ def fingerprint(x) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 # %% ../nbs/00_core.ipynb #b97add04
+OUTPUTS_READY = ("outputs-written", "completed")   # the statuses of a step whose outputs a next step may read
+
 def write_manifest(step_dir, step:str, params:dict=None, inputs:dict=None, outputs=None, status:str="completed",
                    **extra) -> Path:
     "Write `step_dir/manifest.json` atomically; `inputs` maps names to paths/ids (fingerprinted), `outputs` are files."
@@ -194,11 +196,25 @@ def read_manifest(step_dir) -> dict:
     "Read `step_dir/manifest.json`."
     return read_json(Path(step_dir)/"manifest.json")
 
+def process_rank() -> int:
+    "This process's rank among the training processes (`RANK` under torchrun/`accelerate launch`, else 0)."
+    return int(os.environ.get("RANK", "0") or 0)
+
+def barrier():
+    "Wait for every training process when a process group of several is up (torch is not imported here)."
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1: dist.barrier()
+
 @contextlib.contextmanager
 def step_manifest(step_dir, step:str, params:dict=None, inputs:dict=None):
-    """Mark the step `running`; on exit write `completed` with the files listed in the yielded `outputs` list,
-    or `failed` with the error when the block raises."""
+    """Mark the step `running`; on exit write `outputs-written` with the files listed in the yielded `outputs` list (the
+    pipeline marks it `completed` after the notebook's last cell), or `failed` with the error when the block raises.
+    Under several training processes only rank 0 writes it."""
     outputs, extra = [], {}
+    if process_rank():
+        yield outputs
+        barrier()   # until rank 0 has written its manifest
+        return
     write_manifest(step_dir, step, params, inputs, status="running")
     t0 = time.time()
     try:
@@ -207,7 +223,9 @@ def step_manifest(step_dir, step:str, params:dict=None, inputs:dict=None):
         write_manifest(step_dir, step, params, inputs, outputs, status="failed", error=f"{type(e).__name__}: {e}",
                        elapsed_s=round(time.time()-t0, 2))
         raise
-    write_manifest(step_dir, step, params, inputs, outputs, status="completed", elapsed_s=round(time.time()-t0, 2))
+    write_manifest(step_dir, step, params, inputs, outputs, status="outputs-written",
+                   elapsed_s=round(time.time()-t0, 2))
+    barrier()
 
 # %% ../nbs/00_core.ipynb #e4c1d33a
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -23,7 +23,8 @@ def load_heldout(path) -> dict:
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"heldout: {p} is not a folder (the data step writes `heldout/` in its folder with n_heldout_* > 0)")
-    out = {k: load_from_disk(str(p/k)) for k in HELDOUT_KINDS if (p/k).is_dir()}
+    # into memory: a `.map` on them writes no cache file into the data step's finished folder
+    out = {k: load_from_disk(str(p/k), keep_in_memory=True) for k in HELDOUT_KINDS if (p/k).is_dir()}
     if not out: raise FileNotFoundError(f"heldout: {p} has none of {', '.join(HELDOUT_KINDS)}")
     return out
 

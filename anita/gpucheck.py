@@ -12,9 +12,10 @@ from .gpurunner import _child
 from .gpuwheels import *
 
 # %% auto #0
-__all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_NO_CUDA', 'PINNED_TORCH', 'LLAMA3_8B', 'GPU_TRAIN', 'PARTS', 'cuda_probe',
-           'no_cuda_message', 'part_env', 'part_bnb', 'llama3_8b_config', 'llama3_8b_shaped', 'part_models', 'part_sft',
-           'part_sft_compare', 'check_merge', 'part_dpo', 'part_ita', 'part_eval', 'plan', 'main']
+__all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_NO_CUDA', 'PINNED_TORCH', 'LLAMA3_8B', 'GPU_TRAIN', 'FULL_DEPTH_FIELDS', 'PARTS',
+           'OPT_IN', 'GROUPS', 'cuda_probe', 'no_cuda_message', 'part_env', 'part_bnb', 'llama3_8b_config',
+           'llama3_8b_shaped', 'part_models', 'part_sft', 'part_sft_compare', 'check_merge', 'part_dpo', 'part_ita',
+           'part_eval', 'full_depth_settings', 'synthetic_rows', 'time_steps', 'part_full_depth', 'plan', 'main']
 
 # %% ../nbs/15_gpucheck.ipynb #67bd21b3
 EXIT_OK, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
@@ -128,7 +129,9 @@ def llama3_8b_config(n_layers:int=2, **over):
     return LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": n_layers, **over})
 
 # %% ../nbs/15_gpucheck.ipynb #7aa0195d
-def llama3_8b_shaped(out_dir, n_layers:int=2, device:str="cuda", seed:int=0) -> str:
+def llama3_8b_shaped(out_dir, n_layers:int=2, device:str="cuda", seed:int=0,
+                     shape:dict=None   # other `LlamaConfig` sizes (a small stand-in on the CPU); None: the 8B's
+                    ) -> str:
     "Save a random-weight model with Llama-3-8B's layer sizes and vocabulary (`n_layers` layers, bf16) and the Llama-3 tokenizer."
     out = Path(out_dir)
     if (out/"config.json").exists() and (out/"tokenizer.json").exists(): return str(out)
@@ -139,9 +142,13 @@ def llama3_8b_shaped(out_dir, n_layers:int=2, device:str="cuda", seed:int=0) -> 
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     cfg = llama3_8b_config(n_layers, bos_token_id=tok.bos_token_id,
                            eos_token_id=[tok.convert_tokens_to_ids("<|end_of_text|>"), eot],
-                           pad_token_id=None)
+                           pad_token_id=None, **(shape or {}))
     torch.manual_seed(seed)
-    with torch.device(device): m = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)   # initialised in bf16 on `device`: no fp32 copy (32 GB at full depth)
+    try:
+        with torch.device(device): m = LlamaForCausalLM(cfg)
+    finally: torch.set_default_dtype(old)
     with atomic_dir(out) as tmp:
         m.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
@@ -310,17 +317,146 @@ def part_eval(workdir:str, limit:int=None):
     if "vllm" not in out: out["vllm"] = "not installed"
     return out
 
+# %% ../nbs/15_gpucheck.ipynb #3c0b9153
+FULL_DEPTH_FIELDS = ("load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules",
+                     "max_length", "batch_size", "grad_accum", "tokens_per_step", "micro_batch_tokens",
+                     "gradient_checkpointing", "optim", "lr", "weight_decay", "attn_implementation", "bf16", "beta",
+                     "max_prompt_length", "completion_only")
+
+def full_depth_settings(recipe:str="paper", sets=()) -> dict:
+    "`{sft|dpo|ita: settings}`: the fields of each training step's config that set its cost, from `recipe` + `sets`."
+    from anita.recipe import load_recipe, apply_sets
+    from anita.estimate import step_cfg, _step_of
+    from dataclasses import asdict
+    rec = apply_sets(load_recipe(recipe), list(sets), check_notebooks=False)
+    out = {}
+    for kind in ("sft", "dpo", "ita"):
+        name = _step_of(rec, kind)
+        if name is None: raise ValueError(f"recipe {recipe}: no step runs the {kind} notebook")
+        cfg = asdict(step_cfg(kind, rec["steps"][name]["params"]))
+        out[kind] = {k: cfg[k] for k in FULL_DEPTH_FIELDS if k in cfg}
+    return out
+
+# %% ../nbs/15_gpucheck.ipynb #a0273f82
+_WORDS = ("the time people year way day thing man world life hand part child eye woman place work week case point "
+          "number group problem fact good new first last long great little own other old right big high").split()
+
+def _words(n:int, rng) -> str:
+    "`n` common English words (about one Llama-3 token each)."
+    return " ".join(rng.choice(_WORDS) for _ in range(max(1, n)))
+
+def synthetic_rows(kind:str, cfg:dict, steps:int, seed:int=0):
+    "Rows for `steps` optimizer steps of `kind` at `cfg`: SFT/ITA rows of the default mean length, DPO: max_length."
+    import random
+    from datasets import Dataset
+    from anita.estimate import DEFAULT_DATA
+    rng, n = random.Random(seed), (steps + 2) * cfg["batch_size"] * cfg["grad_accum"]
+    if kind == "dpo":
+        p = cfg["max_prompt_length"]
+        a = cfg["max_length"] - p
+        pair = lambda: dict(prompt=_words(p - 1, rng), chosen=_words(a - 1, rng), rejected=_words(a - 1, rng))
+        return Dataset.from_list([pair() for _ in range(n)])
+    L = min(DEFAULT_DATA[kind]["mean_tokens"], cfg["max_length"] // 2)
+    if kind == "ita": return Dataset.from_list([dict(text=_words(L - 2, rng)) for _ in range(n)])
+    row = lambda: dict(prompt=_words(L // 4, rng), completion=_words(L - L // 4 - 2, rng))
+    return Dataset.from_list([row() for _ in range(n)])
+
+# %% ../nbs/15_gpucheck.ipynb #81f56487
+def time_steps(kind:str, cfg:dict, model:str, backend:str, out_dir, steps:int=3) -> dict:
+    "`steps` optimizer steps of `kind` at `cfg` with the recipe's code: steady s/step, s/micro-batch, tokens/s, memory."
+    import gc, torch
+    from transformers import TrainerCallback
+    from anita.sft import SFT_STAGE, load_model, make_trainer, peak_memory_gb
+    from anita.dpo import DPO_STAGE
+    from anita.ita import ITA_STAGE
+    from anita.trainconfig import step_config
+    stage = dict(sft=SFT_STAGE, dpo=DPO_STAGE, ita=ITA_STAGE)[kind]
+    run = dict(cfg, model=model, backend=backend, max_steps=steps, warmup_steps=0, save_steps=10**9, logging_steps=1,
+               report_to="none", disable_tqdm=True)
+    if kind != "dpo": run["packing"] = True   # the packed micro-batches the estimate is about (auto: padded too)
+    c = step_config(stage.config, **run)
+    if torch.cuda.is_available(): torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    m, tok, _ = load_model(c)
+    load_s = time.time() - t0
+    tr, data = make_trainer(stage, m, tok, synthetic_rows(kind, cfg, steps), Path(out_dir)/"checkpoints", c)
+    ends = []
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available(): torch.cuda.synchronize()
+            ends.append((time.perf_counter(), tr.anita_tokens))
+    tr.add_callback(Clock())
+    try: tr.train()
+    except torch.OutOfMemoryError as e:   # does not fit this GPU at these settings: a figure, not a failed part
+        oom = dict(oom=f"out of memory after {len(ends)} step(s): {(str(e).splitlines() or [''])[0][:200]}",
+                   peak_mem_gb=round(peak_memory_gb(), 2), load_s=round(load_s, 1), settings=cfg)
+        del tr, m
+        gc.collect()
+        torch.cuda.empty_cache()
+        return oom
+    if len(ends) < 2: raise AssertionError(f"{kind}: {len(ends)} optimizer step(s) ended: 2 or more needed")
+    (ta, na), (tb, nb) = ends[0], ends[-1]
+    s_step, plan = (tb - ta) / (len(ends) - 1), data["plan"]
+    out = dict(steps_timed=len(ends) - 1, s_per_optimizer_step=round(s_step, 3), grad_accum=plan["grad_accum"],
+               micro_batch=plan["micro_batch"], s_per_micro_batch=round(s_step / plan["grad_accum"], 3),
+               steady_tokens_per_s=round((nb - na) / (tb - ta), 1) if nb > na else None,
+               peak_mem_gb=round(peak_memory_gb(), 2), load_s=round(load_s, 1), settings=cfg)
+    if kind == "dpo": out.update(batch_size=plan["micro_batch"], pair_tokens=cfg["max_length"])
+    else: out.update(micro_batch_real_tokens=round((nb - na) / (len(ends) - 1) / plan["grad_accum"]),
+                     max_length=cfg["max_length"])
+    del tr, m
+    gc.collect()
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+    return out
+
+# %% ../nbs/15_gpucheck.ipynb #c1d1f39a
+_SAME_COST = ("load_in_4bit", "lora_r", "lora_alpha", "use_rslora", "target_modules", "max_length",
+              "micro_batch_tokens", "gradient_checkpointing", "optim", "attn_implementation", "bf16")
+
+def part_full_depth(workdir:str, backend:str="unsloth", recipe:str="paper", sets:list=(), n_layers:int=32, steps:int=3,
+                    shape:dict=None,  # a small stand-in's sizes (CPU tests); None: the 8B's
+                    over:dict=None    # settings over the recipe's, where a step has the field (CPU tests: short rows)
+                   ):
+    "The recipe's SFT, DPO and Italian steps at their own settings on the `n_layers`-deep 8B shape: `time_steps` each."
+    if backend == "unsloth":   # first, before transformers
+        _need("unsloth", "install the gpu extra or carry unsloth's wheels")
+        import unsloth
+    _need("trl", "install the gpu extra or carry trl's wheel")
+    if backend != "cpu": _need("bitsandbytes", "4-bit QLoRA needs bitsandbytes")
+    import torch
+    settings = full_depth_settings(recipe, sets)
+    run = {k: {f: (over or {}).get(f, v) for f, v in s.items()} for k, s in settings.items()}
+    name = f"llama3-8b-{n_layers}l" + ("-standin" if shape else "")
+    t0 = time.time()
+    model = llama3_8b_shaped(Path(workdir)/name, n_layers, "cuda" if torch.cuda.is_available() else "cpu", shape=shape)
+    out = dict(backend=backend, recipe=recipe, sets=list(sets), n_layers=n_layers, shape=shape or "Llama-3-8B",
+               model=model, model_s=round(time.time() - t0, 1), overrides=over or {}, steps={})
+    for kind in ("sft", "dpo", "ita"):
+        if kind == "ita" and all(run["ita"].get(k) == run["sft"].get(k) for k in _SAME_COST):
+            out["steps"]["ita"] = dict(out["steps"]["sft"], same_as="sft", settings=run["ita"])
+            continue   # the Italian step trains with the SFT step's cost settings: its figures are the SFT step's
+        work = Path(workdir)/f"full-depth-{backend}"/kind
+        out["steps"][kind] = time_steps(kind, run[kind], model, backend, work, steps)
+    write_json(Path(workdir)/f"full_depth_{backend}.json", out)
+    return out
+
 # %% ../nbs/15_gpucheck.ipynb #0a60a0c6
 PARTS = [("env", "part_env", 60), ("bnb", "part_bnb", 120), ("models", "part_models", 240),
          ("sft_hf", "part_sft", 300, dict(backend="hf")), ("sft_unsloth", "part_sft", 300, dict(backend="unsloth")),
          ("sft_compare", "part_sft_compare", 30), ("dpo", "part_dpo", 300), ("ita", "part_ita", 300),
-         ("eval", "part_eval", 300)]
+         ("eval", "part_eval", 300),
+         ("full_depth_unsloth", "part_full_depth", 1200, dict(backend="unsloth")),
+         ("full_depth_hf", "part_full_depth", 1200, dict(backend="hf"))]
+OPT_IN = ("full_depth_unsloth", "full_depth_hf")   # run only when named: minutes each (build, 4-bit load, 8192 tokens)
+GROUPS = dict(full_depth=["full_depth_unsloth", "full_depth_hf"])
 
 def plan(workdir, only:list=None, skip:list=None) -> list:
     "The `(name, target, kwargs)` list `run_parts` takes, with the work folder and each part's time limit."
+    only = [n for x in only for n in GROUPS.get(x, [x])] if only else None
+    skip = [n for x in skip for n in GROUPS.get(x, [x])] if skip else None
     out = []
     for name, fn, t, *kw in PARTS:
-        if (only and name not in only) or (skip and name in skip): continue
+        if (only and name not in only) or (not only and name in OPT_IN) or (skip and name in skip): continue
         kwargs = dict(kw[0] if kw else {}, _timeout_s=t, workdir=str(workdir))
         out.append((name, f"anita.gpucheck:{fn}", kwargs))
     unknown = set(only or []) - {p[0] for p in PARTS}
@@ -334,7 +470,8 @@ def _parser() -> argparse.ArgumentParser:
                                  description="Check and measure the GPU path of anita (make gpu-check).")
     ap.add_argument("--out", default="runs/gpu-check",
                     help="folder for gpu-check.json, logs and the models/runs it makes")
-    ap.add_argument("--parts", help=f"comma list of parts to run (default all: {','.join(p[0] for p in PARTS)})")
+    ap.add_argument("--parts", help=f"comma list of parts to run (default all but the opt-in {','.join(GROUPS)}: "
+                         f"{','.join(p[0] for p in PARTS if p[0] not in OPT_IN)})")
     ap.add_argument("--skip", help="comma list of parts to leave out")
     ap.add_argument("--probe", action="store_true",
                     help="only check that CUDA is usable (exit 0) or not (exit 3); imports no torch when no driver")

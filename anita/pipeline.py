@@ -33,6 +33,13 @@ def _parser():
     p.add_argument("--report-only", action="store_true", help="only (re)write report.md/html")
     p.add_argument("--flags", default="", help="run the notebooks' cells flagged with these nbdev flags too (e.g. cuda,slow)")
     p.add_argument("--no-progress", action="store_true", help="no papermill progress bar")
+    p.add_argument("--estimate", action="store_true",
+                   help="print each training step's optimizer steps, tokens and hours from --throughput; train nothing")
+    p.add_argument("--throughput", default=None,
+                   help="with --estimate: gpu-check.json of `make gpu-check GPU_CHECK_ARGS=--parts=full_depth` "
+                        "(default: ROOT/gpu-check/gpu-check.json)")
+    p.add_argument("--backend", default=None, choices=("unsloth", "hf"),
+                   help="with --estimate: whose figures (default: unsloth when measured, else hf)")
     return p
 
 def submit_slurm(recipe, run:str, root="runs", steps=None, sets=(), force:bool=False, replace:bool=False,
@@ -41,12 +48,14 @@ def submit_slurm(recipe, run:str, root="runs", steps=None, sets=(), force:bool=F
     from anita.slurm import submit
     return submit(recipe, run, root, steps, sets, force, replace, dry_run, nbs_dir)
 
-def report_only(rec:dict, run:str, root="runs", sets=()) -> Path:
-    "Gather completed shards, then (re)write the report of an existing run folder."
+def report_only(rec:dict, run:str, root="runs", sets=(), dry_run:bool=False) -> Path:
+    "Gather completed shards, then (re)write the report of an existing run folder (`dry_run`: check, write nothing)."
     rd = Path(root).absolute()/check_name(run, "run name")
     if not rd.is_dir(): raise UsageError(f"{rd}: no such run folder")
+    rec = apply_sets(rec, sets, check_notebooks=False)
+    if dry_run: return rd/"report.md"
     for n in gather_shards(rd, rec): print(f"anita-run: {n}: all shards completed")
-    return write_report(rd, apply_sets(rec, sets, check_notebooks=False))
+    return write_report(rd, rec)
 
 # %% ../nbs/11_pipeline.ipynb #e84d3d9e
 def _on_term(signum, frame): raise KeyboardInterrupt(f"signal {signum}")
@@ -57,7 +66,16 @@ def _run(a) -> int:
     "What `anita-run` does with its parsed arguments `a`."
     rec = load_recipe(a.recipe, a.nbs_dir)
     if a.list: print(list_steps(rec)); return 0
-    if a.report_only: print(report_only(rec, a.run, a.root, a.sets)); return 0
+    if a.report_only:
+        p = report_only(rec, a.run, a.root, a.sets, a.dry_run)
+        print(f"would write {p} and report.html (--dry-run: nothing written)" if a.dry_run else p)
+        return 0
+    if a.estimate:
+        from anita.estimate import run_estimate
+        rec = apply_sets(rec, a.sets, check_notebooks=False)
+        th = a.throughput or Path(a.root)/"gpu-check"/"gpu-check.json"
+        print(run_estimate(rec, th, a.run, a.root, select_steps(rec, a.steps) if a.steps else None, a.backend))
+        return 0
     if a.slurm: return submit_slurm(a.recipe, a.run, a.root, a.steps, a.sets, a.force, a.replace, a.dry_run, a.nbs_dir)
     signal.signal(signal.SIGTERM, _on_term)   # Slurm preemption / scancel: mark the step failed, then stop
     run_recipe(rec, a.run, a.root, steps=a.steps, sets=a.sets, force=a.force, progress=not a.no_progress, shard=a.shard,

@@ -4,14 +4,14 @@
 
 # %% ../nbs/11a_recipe.ipynb #c15f96cb
 from __future__ import annotations
-import ast, contextlib, json, os, re
+import ast, contextlib, json, math, os, re
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'PARAM_RULES', 'PARAM_CHOICES', 'RecipeError', 'UsageError', 'check_name', 'recipes_dir',
-           'find_recipe', 'default_nbs_dir', 'check_step_refs', 'load_recipe', 'step_dirs', 'fill_steps', 'fill',
-           'notebook_params', 'check_param', 'check_range', 'parse_set', 'local_path', 'apply_sets', 'select_steps',
-           'check_recipe_params', 'list_steps']
+__all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'RUN_FILES', 'PARAM_RULES', 'PARAM_PATTERNS', 'PARAM_CHOICES', 'RecipeError', 'UsageError',
+           'check_name', 'recipes_dir', 'find_recipe', 'default_nbs_dir', 'local_path', 'check_step_refs',
+           'load_recipe', 'step_dirs', 'fill_steps', 'fill', 'notebook_params', 'check_param', 'param_rule',
+           'check_range', 'parse_set', 'apply_sets', 'select_steps', 'check_recipe_params', 'list_steps']
 
 # %% ../nbs/11a_recipe.ipynb #095a8595
 RECIPE_KEYS = ("name", "description", "nbs_dir", "slurm", "steps")
@@ -58,6 +58,21 @@ def default_nbs_dir() -> Path:
     return repo if repo.is_dir() else Path("nbs")
 
 # %% ../nbs/11a_recipe.ipynb #15109bb1
+_PATH_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".gguf", ".safetensors")
+
+def local_path(v, cwd=None):
+    """`v` made absolute from `cwd` (default: the current folder) when it is a local path: it exists there, or it clearly is a
+    path (starts with `./`, `../`, `~` or `/`, or ends in a data-file suffix). Other strings (Hub ids `owner/name`, `{root}/{run}/...`,
+    `{steps.NAME}/...`, names such as `embedded` or `auto`) stay as they are; lists and dicts are done item by item."""
+    if isinstance(v, list): return [local_path(x, cwd) for x in v]
+    if isinstance(v, dict): return {k: local_path(x, cwd) for k, x in v.items()}
+    if not isinstance(v, str) or not v.strip() or any(t in v for t in ("{root}", "{run}", "{steps.", "\n", "\0")): return v
+    p = Path(cwd or os.getcwd()).absolute()/Path(v).expanduser()
+    try: exists = p.exists()
+    except OSError: exists = False
+    if exists or v.startswith(("./", "../", "~", "/")) or v.lower().endswith(_PATH_SUFFIXES): return os.path.normpath(p)
+    return v
+
 def _known(bad, known, what, where):
     if bad: raise RecipeError(f"{where}: unknown {what} {sorted(bad)[0]!r} (known: {', '.join(known)})")
 
@@ -75,22 +90,39 @@ def check_step_refs(params, names, where:str):
         for ref in _STEP_REF.findall(s):
             if ref not in names: raise RecipeError(f"{where}: {{steps.{ref}}} names no step (steps: {', '.join(names)})")
 
+RUN_FILES = ("logs", "recipe.yaml", "pipeline.json", "report.md", "report.html")   # the pipeline's own, in a run folder
+
+def _check_dir(d, where:str) -> str:
+    "A step's folder name `d`: a plain folder name, none of the run folder's own (`RUN_FILES`, executed `*.ipynb`)."
+    check_name(d, f"{where}: folder", RecipeError)
+    if d in RUN_FILES or d.endswith(".ipynb"):
+        raise RecipeError(f"{where}: folder {d!r} is reserved: the pipeline writes {d} in the run folder "
+                          f"(reserved: {', '.join(RUN_FILES)}, *.ipynb)")
+    return d
+
+def _check_notebook(nb, where:str) -> str:
+    "A step's `notebook`: a file name ending in `.ipynb` (in the notebooks folder), else a `RecipeError`."
+    if not nb: raise RecipeError(f"{where}: `notebook` is missing")
+    if not isinstance(nb, str) or not nb.endswith(".ipynb"):
+        raise RecipeError(f"{where}: `notebook` must be a notebook file name ending in .ipynb, got {nb!r}")
+    return nb
+
 def _load_step(path, name, spec) -> dict:
     "One checked step of the recipe at `path`."
     check_name(name, f"{path}: step name", RecipeError)
     where = f"{path}: step {name!r}"
     if not isinstance(spec, dict): raise RecipeError(f"{where}: expected a mapping with `notebook` and `params`")
     _known(set(spec) - set(STEP_KEYS), STEP_KEYS, "key", where)
-    if not spec.get("notebook"): raise RecipeError(f"{where}: `notebook` is missing")
+    nb = _check_notebook(spec.get("notebook"), where)
     params = spec.get("params") or {}
     if not isinstance(params, dict): raise RecipeError(f"{where}: `params` must be a mapping")
     shards = spec.get("shards")
     if shards is not None and (not isinstance(shards, dict) or set(shards) != {"param", "values"}
                                or not isinstance(shards["values"], list) or not shards["values"]):
         raise RecipeError(f"{where}: `shards` must be {{param: NAME, values: [non-empty list]}}")
-    d = check_name(str(spec.get("dir") or Path(spec["notebook"]).stem), f"{where}: folder", RecipeError)
-    if d == "logs": raise RecipeError(f"{where}: folder 'logs' is reserved (the run's log folder)")
-    return dict(name=name, notebook=str(spec["notebook"]), params=dict(params), dir=d, slurm=dict(spec.get("slurm") or {}),
+    d = _check_dir(str(spec.get("dir") or Path(nb).stem), where)
+    params = local_path(dict(params), Path(path).parent)   # a relative path in a recipe file: from the recipe's folder
+    return dict(name=name, notebook=nb, params=params, dir=d, slurm=dict(spec.get("slurm") or {}),
                 shards=shards, description=spec.get("description", ""))
 
 def load_recipe(recipe:str|Path,        # name or path
@@ -99,7 +131,11 @@ def load_recipe(recipe:str|Path,        # name or path
     "Read and check a recipe; returns `dict(name, path, nbs_dir, slurm, steps={name: dict(notebook, params, dir, ...)})`."
     import yaml
     path = find_recipe(recipe)
-    try: raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try: text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        bad = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise RecipeError(f"{path}: not UTF-8 text ({bad}): save it as UTF-8") from None
+    try: raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e: raise RecipeError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict): raise RecipeError(f"{path}: a recipe must be a mapping with a `steps` key")
     _known(set(raw) - set(RECIPE_KEYS), RECIPE_KEYS, "recipe key", path)
@@ -141,7 +177,10 @@ def fill(v, root, run, dirs:dict=None):
 _TYPES = dict(int=int, float=float, str=str, bool=bool, list=list, dict=dict, tuple=tuple)
 
 def _params_cell(nb_path) -> str|None:
-    nb = json.loads(Path(nb_path).read_text(encoding="utf-8"))
+    try: nb = json.loads(Path(nb_path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecipeError(f"{nb_path}: not a Jupyter notebook ({e})") from None
+    if not isinstance(nb, dict): raise RecipeError(f"{nb_path}: not a Jupyter notebook (no `cells`)")
     for c in nb.get("cells", []):
         if c.get("cell_type") == "code" and "parameters" in c.get("metadata", {}).get("tags", []):
             return "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
@@ -194,13 +233,33 @@ PARAM_RULES = dict(   # parameter name -> (check, what it must be), in every ste
                      "grad_accum", "max_length", "max_prompt_length", "tokens_per_step", "save_steps", "logging_steps",
                      "lora_r", "lora_alpha"), _COUNT))
 
+PARAM_RULES.update(gpu_memory_utilization=(lambda v: 0 < v <= 1, "in (0, 1]"))
+
+PARAM_PATTERNS = (   # the rule of a parameter PARAM_RULES does not name, from its name: (regular expression, rule)
+    (r"(n|num)_\w+|\w+_(files|count|steps)", _ZERO_UP),                            # counts: n_heldout_en, eval_steps
+    (r"(\w+_)?(max_new_tokens|max_length|batch_size|size|length|tokens)", _COUNT),  # sizes: heldout_batch_size
+    (r"\w+_(frac|ratio|p)", (lambda v: 0 <= v <= 1, "in [0, 1]")),                 # fractions: top_p
+    (r"(\w+_)?(lr|rate|temperature)", _RATE))                                      # rates
+
 PARAM_CHOICES = dict(packing=(True, False, "auto"))   # parameter name -> the values it may take
 
+def param_rule(key:str) -> tuple|None:
+    "The `(check, what it must be)` of parameter `key`: `PARAM_RULES[key]`, else the first `PARAM_PATTERNS` match."
+    if key in PARAM_RULES: return PARAM_RULES[key]
+    return next((rule for pat, rule in PARAM_PATTERNS if re.fullmatch(pat, key)), None)
+
+def _check_finite(v, where:str):
+    "A `RecipeError` naming `where` when `v` is, or holds (in lists and dict values), an infinite or NaN float."
+    if isinstance(v, float) and not math.isfinite(v): raise RecipeError(f"{where}: must be a finite number, got {v!r}")
+    for x in (v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()): _check_finite(x, where)
+
 def check_range(key:str, value, where:str):
-    "`value` if it is in the range `PARAM_RULES` (or among `PARAM_CHOICES`) gives `key`, else a `RecipeError` naming `where`."
+    """`value` if it is finite (no float parameter may be inf or NaN) and in the range `param_rule(key)` gives (or among
+    `PARAM_CHOICES`), else a `RecipeError` naming `where`."""
+    _check_finite(value, where)
     if key in PARAM_CHOICES and not any(c == value and type(c) is type(value) for c in PARAM_CHOICES[key]):
         raise RecipeError(f"{where}: must be one of {', '.join(map(str, PARAM_CHOICES[key]))}, got {value!r}")
-    rule = PARAM_RULES.get(key)
+    rule = param_rule(key)
     if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)): return value
     if not rule[0](value): raise RecipeError(f"{where}: must be {rule[1]}, got {value!r}")
     return value
@@ -216,21 +275,6 @@ def parse_set(s:str) -> tuple:
     try: v = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError: v = raw
     return m.group(1), m.group(2), v, raw
-
-_PATH_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".gguf", ".safetensors")
-
-def local_path(v, cwd=None):
-    """`v` made absolute from `cwd` (default: the current folder) when it is a local path: it exists there, or it clearly is a
-    path (starts with `./`, `../`, `~` or `/`, or ends in a data-file suffix). Other strings (Hub ids `owner/name`, `{root}/{run}/...`,
-    `{steps.NAME}/...`, names such as `embedded` or `auto`) stay as they are; lists and dicts are done item by item."""
-    if isinstance(v, list): return [local_path(x, cwd) for x in v]
-    if isinstance(v, dict): return {k: local_path(x, cwd) for k, x in v.items()}
-    if not isinstance(v, str) or not v.strip() or any(t in v for t in ("{root}", "{run}", "{steps.", "\n", "\0")): return v
-    p = Path(cwd or os.getcwd()).absolute()/Path(v).expanduser()
-    try: exists = p.exists()
-    except OSError: exists = False
-    if exists or v.startswith(("./", "../", "~", "/")) or v.lower().endswith(_PATH_SUFFIXES): return os.path.normpath(p)
-    return v
 
 def _set_type(recipe, step, key, where, check_notebooks):
     "The type a `--set` value for `step.key` must have: the notebook's parameter's, else the recipe value's (None: any)."

@@ -4,18 +4,18 @@
 
 # %% ../nbs/11c_runner.ipynb #9d20f871
 from __future__ import annotations
-import contextlib, json, re, shutil, time
+import contextlib, itertools, json, os, re, shutil, time
 from fastcore.basics import patch
 from pathlib import Path
-from .core import atomic_write, write_json
+from .core import atomic_write, process_rank, write_json
 from .recipe import (RecipeError, UsageError, check_name, load_recipe, notebook_params, apply_sets, select_steps,
                           check_recipe_params, fill, fill_steps, step_dirs)
-from .runstate import (_load, _now, _fmt_s, _readable, _update_manifest, _update_state, _rank, step_status, manifest_token,
-                            input_paths, input_fingerprint, step_fingerprint, step_paths, _stage, _restore, _swap_in,
-                            _check_folders, run_lock, gather_shards)
+from .runstate import (_load, _now, _fmt_s, _readable, _update_manifest, _update_state, step_status, manifest_token,
+                            finish_step, input_paths, input_fingerprint, step_fingerprint, step_paths, _stage, _restore,
+                            _swap_in, _check_folders, run_lock, gather_shards)
 
 # %% auto #0
-__all__ = ['StepError', 'strip_flagged', 'step_params', 'run_step', 'plan_step', 'run_recipe']
+__all__ = ['StepError', 'strip_flagged', 'step_params', 'run_step', 'plan_step', 'launch_store', 'run_recipe']
 
 # %% ../nbs/11c_runner.ipynb #2a90e35d
 class StepError(RuntimeError):
@@ -82,16 +82,19 @@ def _execute(nb, out_nb, logf, params, step, fail, kernel="python3", progress=Tr
         raise
 
 def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True, cwd=None, kernel:str="python3",
-             shard:int=None, keep_flags=(), log=print, stage=None, dirs:dict=None) -> dict:
+             shard:int=None, keep_flags=(), log=print, stage=None, dirs:dict=None, cache:dict=None) -> dict:
     """Execute one recipe step with papermill into `root/run/<dir>.ipynb`; returns its manifest. With `stage` the notebook
     gets `root=stage`: it builds `stage/run/<dir>` (executed notebook in `stage`), beside the finished step it will replace.
-    `dirs` (`{step: folder}`) fills `{steps.NAME}` in the parameters."""
-    root = Path(root).absolute(); rd = root/run; rank = _rank()
+    `dirs` (`{step: folder}`) fills `{steps.NAME}` in the parameters; `cache` is the run's file-hash cache."""
+    root = Path(root).absolute(); rd = root/run; rank = process_rank()
     nb = Path(nbs_dir)/step["notebook"]
     if not nb.is_file(): raise FileNotFoundError(f"{nb}: notebook of step {step['name']!r} not found")
     give_dir = "step_dir" in notebook_params(nb)
     params, tag, sd, sroot = step_params(step, run, root, shard, stage, dirs, give_dir)
     if rank: tag += f".rank{rank}"
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:   # under torchrun: each step's kernels form their own process group,
+        n = os.environ.setdefault("ANITA_TORCHRUN_ATTEMPT", os.environ["TORCHELASTIC_RESTART_COUNT"])
+        os.environ["TORCHELASTIC_RESTART_COUNT"] = f"{n}/{step['dir']}"   # not one read from the last step's keys
     out_nb = (rd/"logs" if rank else sroot if stage is not None else rd)/f"{tag}.ipynb"
     logf = rd/"logs"/f"{tag}.log"; logf.parent.mkdir(parents=True, exist_ok=True)
     info = dict(fingerprint=fp, notebook=str(nb), executed=str(out_nb), log=str(logf), started_at=_now())
@@ -101,14 +104,14 @@ def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True,
     t0 = time.time()
     fail = (lambda err: None) if rank else (lambda err: _mark_failed(rd, sd, tag, info, t0, err))
     _execute(nb, out_nb, logf, params, step, fail, kernel, progress, cwd, keep_flags)
-    m, problem = step_status(sd)
-    if problem and not rank:
-        fail(f"the notebook ended without a completed manifest with all its outputs: {problem}")
-        raise StepError(f"step {step['name']!r}: {nb} ran to the end but did not write a completed manifest listing outputs "
-                        f"it wrote in {sd} ({problem}; use anita.core.step_manifest)\n  executed notebook: {out_nb}\n  log: {logf}")
-    if not rank:
-        _update_manifest(sd, pipeline=dict(info, elapsed_s=round(time.time()-t0, 1), finished_at=_now()))   # the notebook rewrote the manifest
-        _update_state(rd, tag, status="completed", elapsed_s=round(time.time()-t0, 1), finished_at=_now())
+    if rank: return _load(sd/"manifest.json") or {}
+    try: m = finish_step(sd, cache, **info, elapsed_s=round(time.time()-t0, 1), finished_at=_now())
+    except ValueError as e:
+        fail(f"the notebook ended without reporting its outputs: {e}")
+        raise StepError(f"step {step['name']!r}: {nb} ran to the end but did not write an `outputs-written` manifest "
+                        f"listing outputs it wrote in {sd} ({e}; use anita.core.step_manifest)\n"
+                        f"  executed notebook: {out_nb}\n  log: {logf}") from None
+    _update_state(rd, tag, status="completed", elapsed_s=round(time.time()-t0, 1), finished_at=_now())
     return m
 
 # %% ../nbs/11c_runner.ipynb #26273f01
@@ -130,26 +133,61 @@ def plan_step(m:dict, problem, fp:str, prev_fp, force:bool=False, stale:str=None
         return "resume-beside", f"{why}; resuming the replacement built beside the finished step"
     return "beside", f"{why}; the replacement is built beside the finished step, which stays until it completes"
 
+# %% ../nbs/11c_runner.ipynb #b1d5a0e2
+_WALKS = itertools.count()   # `run_recipe` calls in this process: every rank makes the same calls, in the same order
+
+def launch_store():
+    """The key-value store of the torchrun/`accelerate launch` this process is a rank of (its agent's, under this launch
+    attempt's prefix), or None with one process."""
+    n = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if n < 2: return None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        raise UsageError(f"WORLD_SIZE={n} but no torchrun agent store (TORCHELASTIC_USE_AGENT_STORE): start the processes "
+                         "with `torchrun --nproc_per_node N -m anita.pipeline -- ...` or `accelerate launch`, and leave "
+                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset")
+    import torch.distributed as dist
+    from datetime import timedelta
+    from anita.backends import DDP_TIMEOUT_S
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    attempt = os.environ.get("ANITA_TORCHRUN_ATTEMPT") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"anita-run/{attempt}/", store)
+
 # %% ../nbs/11c_runner.ipynb #ef92c925
 class _Walk:
     "The steps of one `run_recipe` call, walked in recipe order."
     def __init__(self, rec, run, root, shard, cwd, force, dry_run, progress, keep_flags, log):
         self.rec, self.run, self.shard, self.force, self.dry_run, self.progress = rec, run, shard, force, dry_run, progress
         self.keep_flags, self.log, self.order, self.dirs, self.rebuilt = keep_flags, log, list(rec["steps"]), step_dirs(rec), []
-        self.root = Path(root).absolute(); self.rd = self.root/run; self.rdr = self.rd.resolve(); self.rank = _rank()
+        self.root = Path(root).absolute(); self.rd = self.root/run; self.rdr = self.rd.resolve(); self.rank = process_rank()
         self.cwd = cwd or self.rd
         cache = _load(self.rd/".fingerprints.json")
-        self.cache = cache if isinstance(cache, dict) else {}   # file hashes by path, reused while size and mtime hold
+        self.cache = cache if isinstance(cache, dict) else {}   # file hashes by path, see `_file_hash`
+        self.store, self.walk_id = launch_store(), next(_WALKS)   # several processes: rank 0's plans for the others
+        self.follows = self.store is not None and self.rank > 0
+
+    def save_cache(self):
+        "Keep the file hashes (of files that still exist) in the run folder for the next run."
+        if not self.dry_run and not self.rank:
+            kept = {k: v for k, v in self.cache.items() if Path(k).exists()}
+            _readable(write_json(self.rd/".fingerprints.json", kept))
+
+    def moved(self, src, dst):
+        "Keep the hashes of the files moved from folder `src` to `dst` (a rename keeps their inode and ctime)."
+        pre = f"{src}{os.sep}"
+        for k in [k for k in self.cache if k.startswith(pre)]:
+            self.cache[f"{dst}{os.sep}{k[len(pre):]}"] = self.cache.pop(k)
 
     def upstream(self, n, prev, ran_prev):
         "The previous step's manifest token ('start' for the first step); an error when it is not completed and does not run now."
         if prev is None: return "start"
         pd = self.rd/self.rec["steps"][prev]["dir"]
-        up = manifest_token(pd)
+        up = manifest_token(pd, self.cache)
         if up is None and not self.dry_run and self.rec["steps"][prev]["shards"] and gather_shards(self.rd, self.rec):
-            up = manifest_token(pd)   # its shards (Slurm array tasks) all completed
+            up = manifest_token(pd, self.cache)   # its shards (Slurm array tasks) all completed
         if up is None and not ran_prev:
-            raise StepError(f"step {n!r} needs step {prev!r} completed first ({step_status(pd)[1]}): run it, e.g. --steps {prev},{n}")
+            raise StepError(f"step {n!r} needs step {prev!r} completed first ({step_status(pd, self.cache)[1]}): "
+                            f"run it, e.g. --steps {prev},{n}")
         return up
 
     def fingerprint(self, st, up, sd, stage):
@@ -159,16 +197,16 @@ class _Walk:
         ins = input_paths(params, self.cwd, own=[sd, stage])
         inputs = {str(p.relative_to(self.rdr) if self.rdr in p.parents else p): input_fingerprint(p, self.cache) for p in ins.values()}
         fp = step_fingerprint(Path(self.rec["nbs_dir"])/st["notebook"], fill_steps(st["params"], self.dirs), up, inputs)   # moving the runs root reruns nothing
-        if not self.dry_run and not self.rank:
-            _readable(write_json(self.rd/".fingerprints.json", {k: v for k, v in self.cache.items() if Path(k).exists()}))
+        self.save_cache()
         return fp, ins
 
     def plan(self, st, tag, sd, stage, fp, stale):
         "`(action, why)` of `plan_step` from what the step's folder, `pipeline.json` and a replacement beside it say."
-        m, problem = step_status(sd)
+        m, problem = step_status(sd, self.cache)
         state = (_load(self.rd/"pipeline.json") or {}).get("steps", {}).get(tag, {})
         prev_fp = m.get("pipeline", {}).get("fingerprint") or state.get("fingerprint")   # a notebook's `running` manifest has none
-        staged = ((_load(stage/"attempt.json") or {}).get("fingerprint"), step_status(stage/self.run/st["dir"])[1])
+        staged = ((_load(stage/"attempt.json") or {}).get("fingerprint"),
+                  step_status(stage/self.run/st["dir"], self.cache)[1])
         return plan_step(m, problem, fp, prev_fp, self.force, stale, staged)
 
     def stale(self, prev, ran_prev, ins):
@@ -179,22 +217,47 @@ class _Walk:
 
 # %% ../nbs/11c_runner.ipynb #5c6a9192
 @patch
-def step(self:_Walk, i, n, ran_prev) -> str:
-    "Plan step `n` (the `i`th) and run it when needed; returns 'skipped', 'would run' or 'ran'."
+def decide(self:_Walk, i, n, ran_prev, tag, sd, stage) -> tuple:
+    "`(action, why, fingerprint)` of step `n` from the run folder: the step before it, its fingerprint, its state."
     st, prev = self.rec["steps"][n], self.order[i-1] if i else None
-    (tag, sd, _), stage = step_paths(self.rd, st, self.shard), _stage(self.rd, st, self.shard)
-    head = f"[{i+1}/{len(self.order)}] {n} ({st['notebook']} -> {sd})"
     up = self.upstream(n, prev, ran_prev)
     if not self.dry_run and not self.rank: _restore(sd)
     fp, ins = self.fingerprint(st, up, sd, stage)
-    action, why = self.plan(st, tag, sd, stage, fp, self.stale(prev, ran_prev, ins))
+    return (*self.plan(st, tag, sd, stage, fp, self.stale(prev, ran_prev, ins)), fp)
+
+@patch
+def tell(self:_Walk, what, n, value):
+    "Rank 0 of several processes: give the others `value` as the `what` (plan, done) of step `n`."
+    if self.store is not None and not self.rank: self.store.set(f"{self.walk_id}/{what}/{n}", json.dumps(value))
+
+@patch
+def hear(self:_Walk, what, n) -> list:
+    "The other ranks: rank 0's `what` of step `n`, waited for; a `StepError` when rank 0 stopped there."
+    v = json.loads(self.store.get(f"{self.walk_id}/{what}/{n}"))
+    if v[0] == "error": raise StepError(f"step {n!r}: rank 0 stopped: {v[1]}")
+    return v
+
+@patch
+def step(self:_Walk, i, n, ran_prev) -> str:
+    "Plan step `n` (the `i`th) and run it when needed; returns 'skipped', 'would run' or 'ran'."
+    st = self.rec["steps"][n]
+    (tag, sd, _), stage = step_paths(self.rd, st, self.shard), _stage(self.rd, st, self.shard)
+    head = f"[{i+1}/{len(self.order)}] {n} ({st['notebook']} -> {sd})"
+    if self.follows: action, why, fp = self.hear("plan", n)
+    else:
+        try: action, why, fp = self.decide(i, n, ran_prev, tag, sd, stage)
+        except BaseException as e: self.tell("plan", n, ["error", f"{type(e).__name__}: {e}", None]); raise
+        self.tell("plan", n, [action, why, fp])
     if action == "skip":
         self.log(f"{head}: done, skipped" + (f" (an earlier replacement attempt is kept in {stage}: delete it "
                                               f"to free its space)" if stage.exists() else ""))
         return "skipped"
     self.rebuilt.append(sd.resolve())
     if self.dry_run: self.log(f"{head}: would run" + (f" ({why})" if why else "")); return "would run"
-    self.execute(st, action, why, head, fp, tag, sd, stage)
+    try: self.execute(st, action, why, head, fp, tag, sd, stage)
+    except BaseException as e: self.tell("done", n, ["error", f"{type(e).__name__}: {e}"]); raise
+    self.tell("done", n, ["ok"])
+    if self.follows: self.hear("done", n)   # rank 0 has marked it completed: the next step's plan reads that
     return "ran"
 
 @patch
@@ -208,9 +271,12 @@ def execute(self:_Walk, st, action, why, head, fp, tag, sd, stage):
         shutil.rmtree(stage, ignore_errors=True); write_json(stage/"attempt.json", dict(fingerprint=fp, started_at=_now()))
     if action != "swap":
         run_step(st, self.rec["nbs_dir"], self.run, self.root, fp=fp, progress=self.progress, cwd=self.cwd, shard=self.shard,
-                 keep_flags=self.keep_flags, log=log, stage=stage if action.endswith("beside") else None, dirs=self.dirs)
+                 keep_flags=self.keep_flags, log=log, stage=stage if action.endswith("beside") else None,
+                 dirs=self.dirs, cache=self.cache)
+        self.save_cache()
     if action in ("beside", "resume-beside", "swap") and owner:
         _swap_in(self.rd, sd, stage, tag); log(f"{head}: the new {st['dir']} replaced the finished one")
+        self.moved(stage/self.rd.name/sd.name, sd); self.save_cache()
     log(f"{head}: completed in {_fmt_s(time.time()-t0)}")
 
 @patch

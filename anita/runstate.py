@@ -7,12 +7,12 @@ from __future__ import annotations
 import contextlib, json, os, shutil
 from datetime import datetime, timezone
 from pathlib import Path
-from .core import fingerprint, read_json, write_json
+from .core import OUTPUTS_READY, fingerprint, process_rank, read_json, write_json
 from .recipe import _strings
 
 # %% auto #0
-__all__ = ['notebook_code', 'step_status', 'manifest_token', 'input_paths', 'input_fingerprint', 'step_fingerprint', 'step_paths',
-           'run_lock', 'gather_shards']
+__all__ = ['notebook_code', 'output_files', 'outputs_problem', 'step_status', 'manifest_token', 'input_paths',
+           'input_fingerprint', 'step_fingerprint', 'step_paths', 'finish_step', 'run_lock', 'gather_shards']
 
 # %% ../nbs/11b_runstate.ipynb #85efa15b
 def notebook_code(nb_path) -> list:
@@ -28,21 +28,64 @@ def _load(p):
     with contextlib.suppress(FileNotFoundError, ValueError): return read_json(p)
     return None
 
-def step_status(step_dir) -> tuple:
-    "`(manifest, problem)`: `problem` is None for a completed step whose listed outputs all exist, else what is wrong."
+def _file_hash(f:Path, cache:dict) -> str:
+    "`f`'s content hash, reused from `cache` while its size, mtime, inode and ctime hold (`os.utime` moves ctime too)."
+    st = f.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    hit = cache.get(str(f))
+    if not (isinstance(hit, list) and len(hit) == 5 and hit[:4] == stamp):
+        cache[str(f)] = hit = [*stamp, fingerprint(f)]
+    return hit[4]
+
+def _visible(f:Path, top:Path) -> bool: return not any(x.startswith(".") for x in f.relative_to(top).parts)
+
+def output_files(step_dir, outputs, cache:dict=None) -> dict:
+    """`{path: [size, hash]}` of every file of the listed `outputs` (files, or folders: the files in them, hidden ones
+    left out), paths relative to `step_dir`; the step's own `manifest.json` is not an output."""
+    sd, cache, out = Path(step_dir), {} if cache is None else cache, {}
+    for o in outputs:
+        p = sd/o
+        fs = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and _visible(f, p))
+        for f in fs:
+            if f != sd/"manifest.json": out[f.relative_to(sd).as_posix()] = [f.stat().st_size, _file_hash(f, cache)]
+    return out
+
+def _run_cache(step_dir) -> dict:
+    "The run's file-hash cache (`<run>/.fingerprints.json`, read only here), or an empty one."
+    c = _load(Path(step_dir).parent/".fingerprints.json")
+    return c if isinstance(c, dict) else {}
+
+def outputs_problem(step_dir, m:dict, cache:dict=None) -> str|None:
+    """What differs between the outputs manifest `m` lists (and the sizes and hashes of their `files`) and the step
+    folder; None when nothing does."""
+    sd = Path(step_dir)
+    if gone := [o for o in m.get("outputs") or [] if _gone(sd/o)]: return f"outputs missing: {', '.join(gone)}"
+    files = m.get("files")
+    if not isinstance(files, dict): return None        # a manifest written before sizes and hashes were recorded
+    cache = _run_cache(sd) if cache is None else cache
+    for rel, (size, h) in files.items():
+        f = sd/rel
+        if not f.is_file(): return f"output {rel} is missing"
+        if f.stat().st_size != size: return f"output {rel} changed (size {f.stat().st_size}, recorded {size})"
+        if _file_hash(f, cache) != h: return f"output {rel} changed (content hash)"
+    return None
+
+def step_status(step_dir, cache:dict=None) -> tuple:
+    """`(manifest, problem)`: `problem` is None for a completed step whose outputs are what its manifest records, else
+    what is wrong."""
     p = Path(step_dir)/"manifest.json"
     try: m = read_json(p)
     except FileNotFoundError: return {}, f"{p} is missing"
     except (ValueError, OSError) as e: return {}, str(e)
     if not isinstance(m, dict): return {}, f"{p} is not a manifest"
     if m.get("status") != "completed": return m, f"{p} says {m.get('status')!r}"
-    gone = [o for o in m.get("outputs") or [] if _gone(Path(step_dir)/o)]
-    return m, f"outputs missing: {', '.join(gone)}" if gone else None
+    return m, outputs_problem(step_dir, m, cache)
 
-def manifest_token(step_dir) -> str|None:
-    "A fingerprint of a completed step's manifest (None when it is missing, not completed, or its outputs are gone)."
-    m, problem = step_status(step_dir)
-    return None if problem else fingerprint({k: m.get(k) for k in ("step", "params", "outputs", "updated_at", "pipeline")})
+def manifest_token(step_dir, cache:dict=None) -> str|None:
+    "A fingerprint of a completed step's manifest (None: missing, not completed, or its outputs gone or changed)."
+    m, problem = step_status(step_dir, cache)
+    keys = ("step", "params", "outputs", "files", "updated_at", "pipeline")
+    return None if problem else fingerprint({k: m.get(k) for k in keys})
 
 def input_paths(params:dict, cwd, own=()) -> dict:
     """`{value: path}` for the (filled) parameter strings that name a local file or folder, relative ones from `cwd` (where the
@@ -57,18 +100,13 @@ def input_paths(params:dict, cwd, own=()) -> dict:
         if not any(p == o or p in o.parents or o in p.parents for o in own): out[s] = p
     return out
 
-def _file_hash(f:Path, cache:dict) -> str:
-    st = f.stat(); stamp = [st.st_size, st.st_mtime_ns]
-    hit = cache.get(str(f))
-    if not (isinstance(hit, list) and hit[:2] == stamp): cache[str(f)] = hit = [*stamp, fingerprint(f)]
-    return hit[2]
-
 def input_fingerprint(p:Path, cache:dict=None) -> str:
-    "Content fingerprint of a file or a folder (hidden files left out); a file's hash is reused from `cache` while its size and mtime hold."
+    """Content fingerprint of a file or a folder (hidden files left out); a file's hash is reused from `cache` while its
+    size, mtime, inode and ctime hold."""
     cache = {} if cache is None else cache
     p = Path(p)
     if p.is_file(): return _file_hash(p, cache)
-    files = sorted(f for f in p.rglob("*") if f.is_file() and not any(x.startswith(".") for x in f.relative_to(p).parts))
+    files = sorted(f for f in p.rglob("*") if f.is_file() and _visible(f, p))
     return fingerprint({str(f.relative_to(p)): _file_hash(f, cache) for f in files})
 
 def step_fingerprint(nb_path, params:dict, upstream:str|None, inputs:dict=None) -> str:
@@ -101,16 +139,27 @@ def _update_state(rd, name, **kw):
     s.setdefault("steps", {}).setdefault(name, {}).update(kw)
     _readable(write_json(p, s))
 
-def _rank() -> int:
-    "The process rank under `accelerate launch`/`torchrun` (0 otherwise)."
-    return int(os.environ.get("RANK", "0") or 0)
-
 def step_paths(rd, step:dict, shard:int=None) -> tuple:
     "`(tag, step folder, root given to the notebook)`; shard `i` of a step runs with root `rd/<dir>/shards/<ii>`."
     rd = Path(rd)
     if shard is None: return step["dir"], rd/step["dir"], rd.parent
     sroot = rd/step["dir"]/"shards"/f"{shard:02d}"
     return f"{step['dir']}.shard{shard:02d}", sroot/rd.name/step["dir"], sroot
+
+def finish_step(step_dir, cache:dict=None, **pipeline) -> dict:
+    """Mark a step whose notebook ran to its last cell `completed`: its manifest must say `outputs-written` (or
+    `completed`) and list outputs that exist; every file of them is recorded in `files` with its size and hash,
+    `pipeline` merged in. Else a `ValueError`."""
+    p = Path(step_dir)/"manifest.json"
+    m = _load(p)
+    if not isinstance(m, dict) or m.get("status") not in OUTPUTS_READY:
+        raise ValueError(f"{p} says {m.get('status') if isinstance(m, dict) else 'nothing'!r}, not 'outputs-written'")
+    if gone := [o for o in m.get("outputs") or [] if _gone(Path(step_dir)/o)]:
+        raise ValueError(f"outputs missing: {', '.join(gone)}")
+    m.update(status="completed", files=output_files(step_dir, m.get("outputs") or [], cache),
+             pipeline={**m.get("pipeline", {}), **pipeline})
+    _readable(write_json(p, m))
+    return m
 
 # %% ../nbs/11b_runstate.ipynb #6e86ea1e
 def _stage(rd, st, shard=None) -> Path:
@@ -142,7 +191,7 @@ def _check_folders(paths):
 @contextlib.contextmanager
 def run_lock(rd):
     "An exclusive lock on a run folder (released when the process ends, even by SIGKILL)."
-    if _rank(): yield; return
+    if process_rank(): yield; return
     p = Path(rd)/".lock"; p.parent.mkdir(parents=True, exist_ok=True)
     f = open(p, "a+")
     try:
@@ -166,7 +215,9 @@ def gather_shards(rd:str|Path, recipe:dict) -> list:
         sds = [step_paths(rd, st, i)[1] for i in range(len(st["shards"]["values"]))]
         ms = [_load(sd/"manifest.json") or {} for sd in sds]
         if not all(m.get("status") == "completed" for m in ms): continue
-        write_manifest(rd/st["dir"], st["dir"], st["params"], outputs=[str(sd.relative_to(rd/st["dir"])) for sd in sds],
+        outs = [str(sd.relative_to(rd/st["dir"])) for sd in sds]
+        files = output_files(rd/st["dir"], outs, _run_cache(rd/st["dir"]))
+        write_manifest(rd/st["dir"], st["dir"], st["params"], outputs=outs, files=files,
                        shards=[dict(value=v, status=m["status"], pipeline=m.get("pipeline", {}))
                                for v, m in zip(st["shards"]["values"], ms)])
         done.append(n)

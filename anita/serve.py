@@ -4,15 +4,16 @@
 
 # %% ../nbs/14_serve.ipynb #25b6cd7a
 from __future__ import annotations
-import argparse, json, os, shutil, subprocess, sys, threading, time, uuid
+import argparse, hmac, ipaddress, json, os, select, shutil, socket, subprocess, sys, threading, time, uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import util as importlib_util
 from pathlib import Path
 from .core import resolve_model, ensure_pad_token, device_info
 
 # %% auto #0
-__all__ = ['serve_source', 'served_name', 'TransformersEngine', 'LlamaCppEngine', 'RequestError', 'parse_chat_request',
-           'apply_stops', 'make_engine', 'make_server', 'pick_backend', 'vllm_command', 'parse_args', 'main']
+__all__ = ['DEFAULT_MAX_TOKENS', 'serve_source', 'served_name', 'TransformersEngine', 'LlamaCppEngine', 'RequestError',
+           'parse_chat_request', 'fit_context', 'apply_stops', 'watch_client', 'make_engine', 'make_server',
+           'pick_backend', 'vllm_command', 'is_loopback', 'parse_args', 'check_options', 'main']
 
 # %% ../nbs/14_serve.ipynb #5db21d12
 _GGUF_PREFERENCE = ("Q8_0", "F16", "BF16", "Q6_K", "Q5_K_M", "Q4_K_M", "F32")
@@ -42,9 +43,18 @@ def served_name(src:str) -> str:
     return p.name if p.exists() else str(src)
 
 # %% ../nbs/14_serve.ipynb #aa8cbc3c
+def _context_length(config, tok) -> int|None:
+    "The context in tokens: `max_position_embeddings` (of the text model), else the tokenizer's limit, else None."
+    for c in (config, getattr(config, "text_config", None)):
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0: return n
+    n = getattr(tok, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n < 10**7 else None
+
 class TransformersEngine:
     "Chat with a merged folder or a GGUF file (dequantized) through transformers, on the best device."
     backend = "transformers"
+    max_parallel = None                    # generations run in threads sharing the model; `--parallel` bounds them
     def __init__(self, src:str):
         if str(src).endswith(".gguf"):
             from anita.export import load_gguf
@@ -56,28 +66,38 @@ class TransformersEngine:
         from anita.export import end_of_turn
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
-        self.stop_ids = sorted({*eos, *[i for i in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids(end_of_turn(self.tok) or ""))
-                                        if isinstance(i, int) and i >= 0]})
+        eot = self.tok.convert_tokens_to_ids(end_of_turn(self.tok) or "")
+        self.stop_ids = sorted({*eos, *[i for i in (self.tok.eos_token_id, eot) if isinstance(i, int) and i >= 0]})
+        self.context_length = _context_length(self.model.config, self.tok)
 
-    def stream(self, messages, max_tokens:int, temperature:float, top_p:float, seed:int, stop:threading.Event, info:dict):
-        "Yield text pieces of the reply; `info` gets prompt_tokens, completion_tokens, finish_reason."
+    def prepare(self, messages):
+        "The prompt for `messages` (token ids, chat template applied) and its length in tokens."
+        enc = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        return enc, enc["input_ids"].shape[1]
+
+    def stream(self, prompt, max_tokens:int, temperature:float, top_p:float, seed:int, stop:threading.Event, info:dict,
+               deadline:float=None, ignore_eos:bool=False):
+        "Yield pieces of the reply to `prompt` (from `prepare`); `info` gets prompt_tokens, completion_tokens, finish_reason."
         import torch
         from transformers import TextIteratorStreamer, StoppingCriteria, StoppingCriteriaList
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw): return stop.is_set()
-        enc = self.tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        enc = {k: v.to(self.model.device) for k, v in enc.items()}
+        class _Stop(StoppingCriteria):       # checked after every token: a cancelled request or one past its time limit
+            def __call__(self, input_ids, scores, **kw):
+                if deadline is not None and time.monotonic() > deadline: info["timed_out"] = True
+                return stop.is_set() or bool(info.get("timed_out"))
+        enc = {k: v.to(self.model.device) for k, v in prompt.items()}
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
         sample = temperature > 0
         gen = dict(**enc, streamer=streamer, max_new_tokens=max_tokens, do_sample=sample, eos_token_id=self.stop_ids,
                    pad_token_id=self.tok.pad_token_id, stopping_criteria=StoppingCriteriaList([_Stop()]),
+                   **(dict(min_new_tokens=max_tokens) if ignore_eos else {}),
                    **(dict(temperature=temperature, top_p=top_p) if sample else dict(temperature=None, top_p=None, top_k=None)))
         if seed is not None: torch.manual_seed(seed)
         res = {}
         def work():
             try: res["out"] = self.model.generate(**gen)
             except BaseException as e: res["error"] = e; streamer.end()
-        th = threading.Thread(target=work, daemon=True); th.start()
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
         try:
             for piece in streamer:
                 if piece: yield piece
@@ -86,21 +106,30 @@ class TransformersEngine:
             if "out" in res:
                 n_in = enc["input_ids"].shape[1]
                 new = res["out"][0, n_in:].tolist()
-                ended = bool(new) and new[-1] in self.stop_ids
+                ended = bool(new) and new[-1] in self.stop_ids and not ignore_eos
                 info.update(prompt_tokens=n_in, completion_tokens=len(new) - ended, finish_reason="stop" if ended else "length")
         if "error" in res: raise res["error"]
 
 class LlamaCppEngine:
     "Chat with a GGUF file through llama.cpp (llama-cpp-python), with the file's chat template."
     backend = "llama.cpp"
+    max_parallel = 1                       # one llama.cpp context is not thread-safe: requests take turns
     def __init__(self, src:str, n_ctx:int=4096):
         from llama_cpp import Llama
         self.llm = Llama(model_path=str(src), n_ctx=n_ctx, n_threads=os.cpu_count(), verbose=False,
                          n_gpu_layers=-1 if device_info()["device"] == "cuda" else 0)
+        self.context_length = self.llm.n_ctx()
 
-    def stream(self, messages, max_tokens:int, temperature:float, top_p:float, seed:int, stop:threading.Event, info:dict):
+    def prepare(self, messages):
+        "`messages` and a lower bound of their length in tokens (the contents; llama.cpp applies the template itself)."
+        text = "\n".join(m["content"] for m in messages)
+        return messages, len(self.llm.tokenize(text.encode("utf-8", "replace"), add_bos=True)) + 4*len(messages)
+
+    def stream(self, prompt, max_tokens:int, temperature:float, top_p:float, seed:int, stop:threading.Event, info:dict,
+               deadline:float=None, ignore_eos:bool=False):
         "Yield text pieces of the reply; `info` gets completion_tokens and finish_reason (and prompt_tokens)."
-        it = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+        if ignore_eos: raise RequestError("ignore_eos: not supported by the llama.cpp backend", "ignore_eos")
+        it = self.llm.create_chat_completion(messages=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                              seed=seed, stream=True)
         n, finish = 0, None
         try:
@@ -108,17 +137,26 @@ class LlamaCppEngine:
                 c = ch["choices"][0]
                 finish = c.get("finish_reason") or finish
                 piece = (c.get("delta") or {}).get("content")
-                if piece: n += 1; yield piece
-                if stop.is_set(): break
+                if piece:
+                    n += 1
+                    yield piece
+                if deadline is not None and time.monotonic() > deadline: info["timed_out"] = True
+                if stop.is_set() or info.get("timed_out"): break
+        except ValueError as e:             # llama.cpp's own context check
+            if "context" in str(e): raise RequestError(str(e), "messages", 400, "context_length_exceeded") from None
+            raise
         finally:
             if hasattr(it, "close"): it.close()
-            info.update(completion_tokens=n, finish_reason=finish or "stop", prompt_tokens=None)
+            info.update(completion_tokens=n, finish_reason="length" if info.get("timed_out") else finish or "stop",
+                        prompt_tokens=None)
 
 # %% ../nbs/14_serve.ipynb #f083bdf2
 class RequestError(ValueError):
     "A request the API refuses: HTTP `status`, OpenAI error `param` and `code`."
     def __init__(self, message, param=None, status:int=400, code=None):
-        super().__init__(message); self.param, self.status, self.code = param, status, code or "invalid_request"
+        super().__init__(message)
+        self.param, self.status = param, status
+        self.code = code or {411: "length_required", 413: "request_too_large"}.get(status, "invalid_request")
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
 
@@ -128,11 +166,21 @@ def _content(c, i):
         return "".join(p["text"] for p in c)
     raise RequestError(f"messages[{i}].content: expected a string or a list of text parts", f"messages[{i}].content")
 
+def _short(v, n:int=60) -> str:
+    "`repr(v)` cut to `n` characters (a deeply nested value is not printed whole)."
+    try: r = repr(v)
+    except RecursionError: r = f"<a deeply nested {type(v).__name__}>"
+    return r if len(r) <= n else r[:n] + "..."
+
+DEFAULT_MAX_TOKENS = 256
+
 def parse_chat_request(body, served:str, max_tokens_limit:int=4096) -> dict:
     "Checked generation settings from a chat-completions request body; `RequestError` names the bad parameter."
     if not isinstance(body, dict): raise RequestError("the request body must be a JSON object")
     m = body.get("model", served)
-    if m != served: raise RequestError(f"The model `{m}` does not exist: this server serves `{served}`", "model", 404, "model_not_found")
+    if m != served:
+        raise RequestError(f"The model `{_short(m)}` does not exist: this server serves `{served}`", "model", 404,
+                           "model_not_found")
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs: raise RequestError("messages: expected a non-empty list of {role, content}", "messages")
     out = []
@@ -144,19 +192,37 @@ def parse_chat_request(body, served:str, max_tokens_limit:int=4096) -> dict:
         v = body.get(k)
         if v is None: return default
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()) or not lo <= v <= hi:
-            raise RequestError(f"{k}: expected {'an integer' if kind is int else 'a number'} in [{lo}, {hi}], got {v!r}", k)
+            what = "an integer" if kind is int else "a number"
+            raise RequestError(f"{k}: expected {what} in [{lo}, {hi}], got {_short(v)}", k)
         return kind(v)
-    max_tokens = num("max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens", 1, max_tokens_limit, 256, int)
+    mt_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = num(mt_key, 1, max_tokens_limit, None, int)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop)):
         raise RequestError("stop: expected a string or a list of up to 4 non-empty strings", "stop")
-    if body.get("n") not in (None, 1): raise RequestError(f"n: only one choice per request is supported, got {body['n']!r}", "n")
-    if not isinstance(body.get("stream", False), bool): raise RequestError("stream: expected true or false", "stream")
+    if body.get("n") not in (None, 1):
+        raise RequestError(f"n: only one choice per request is supported, got {_short(body['n'])}", "n")
+    for k in ("stream", "ignore_eos"):
+        if not isinstance(body.get(k, False), bool): raise RequestError(f"{k}: expected true or false", k)
     so = body.get("stream_options") or {}
-    return dict(messages=out, max_tokens=max_tokens, temperature=num("temperature", 0, 2, 1.0), top_p=num("top_p", 0, 1, 1.0),
+    return dict(messages=out, max_tokens=max_tokens or min(DEFAULT_MAX_TOKENS, max_tokens_limit),
+                explicit_max_tokens=max_tokens is not None,
+                temperature=num("temperature", 0, 2, 1.0), top_p=num("top_p", 0, 1, 1.0),
                 seed=num("seed", -2**63, 2**63-1, None, int), stop=stop or [], stream=body.get("stream", False),
+                ignore_eos=body.get("ignore_eos", False),
                 include_usage=bool(isinstance(so, dict) and so.get("include_usage")))
+
+def fit_context(n_prompt:int, max_tokens:int, context:int=None, explicit:bool=True) -> int:
+    "`max_tokens` that fits the model's `context` after `n_prompt` tokens; 400 `context_length_exceeded` if none does."
+    if not context: return max_tokens
+    room = context - n_prompt
+    if room < 1 or (explicit and max_tokens > room):
+        raise RequestError(f"This model's maximum context length is {context} tokens. However, you requested "
+                           f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the completion). "
+                           "Please reduce the length of the messages or completion.", "messages", 400,
+                           "context_length_exceeded")
+    return min(max_tokens, room)
 
 # %% ../nbs/14_serve.ipynb #6384efe8
 def apply_stops(pieces, stops, stop_event:threading.Event=None):
@@ -179,64 +245,165 @@ def apply_stops(pieces, stops, stop_event:threading.Event=None):
     finally:
         if hasattr(pieces, "close"): pieces.close()
 
+# %% ../nbs/14_serve.ipynb #7c3d9e11
+def watch_client(sock, stop:threading.Event, done:threading.Event, every:float=0.1):
+    "Set `stop` when the client closes `sock` (readable with nothing to read, or an error) before `done` is set."
+    while not done.wait(every):
+        try:
+            readable = select.select([sock], [], [], 0)[0]
+            if readable and not sock.recv(1, socket.MSG_PEEK): stop.set()
+        except (OSError, ValueError): stop.set()
+        if stop.is_set(): return
+
 # %% ../nbs/14_serve.ipynb #9cf03dfa
 def _now() -> int: return int(time.time())
+
+_CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed",
+          408: "request_timeout",
+          411: "length_required", 413: "request_too_large", 414: "uri_too_long", 431: "headers_too_large",
+          501: "not_implemented", 503: "server_overloaded"}
+
+_ROUTES = "GET /v1/models, GET /health, POST /v1/chat/completions"
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "anita-serve"
 
+    def setup(self):
+        self.timeout = self.server.io_timeout        # a client that stalls (headers, body, reading a stream) is dropped
+        self._body_done = True
+        super().setup()
+
     def log_message(self, fmt, *args):
         if not self.server.quiet: sys.stderr.write(f"anita-serve {time.strftime('%H:%M:%S')} {fmt % args}\n")
 
-    def _json(self, status:int, obj):
+    def _json(self, status:int, obj, headers=None):
         data = json.dumps(obj, ensure_ascii=False).encode()
+        if not self._body_done: self.close_connection = True          # an unread request body cannot be skipped safely
         self.send_response(status)
-        self.send_header("Content-Type", "application/json"); self.send_header("Content-Length", str(len(data)))
-        self.end_headers(); self.wfile.write(data)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items(): self.send_header(k, v)
+        if self.close_connection: self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD": self.wfile.write(data)
 
-    def _error(self, status:int, message:str, param=None, code=None, kind="invalid_request_error"):
-        self._json(status, {"error": dict(message=message, type=kind, param=param, code=code)})
+    def _error(self, status:int, message:str, param=None, code=None, kind=None, headers=None):
+        kind = kind or ("server_error" if status >= 500 and status != 501 else "invalid_request_error")
+        err = dict(message=message, type=kind, param=param, code=code or _CODES.get(status))
+        self._json(status, {"error": err}, headers)
 
-    def _chunk(self, obj):
-        data = ("data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n").encode()
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n"); self.wfile.flush()
+    def send_error(self, code, message=None, explain=None):
+        "http.server's own errors (bad request line, header too long, unknown method) as OpenAI JSON errors."
+        self.close_connection, self._body_done = True, True
+        if getattr(self, "request_version", "HTTP/0.9") == "HTTP/0.9": self.request_version = "HTTP/1.1"
+        self.command = getattr(self, "command", None) or "GET"
+        self._error(code, message or self.responses.get(code, ("error",))[0])
+
+    def _authorized(self) -> bool:
+        "True when the server has no key or the request sends `Authorization: Bearer <key>`; else answers 401."
+        key = self.server.api_key
+        if not key: return True
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if hmac.compare_digest(token.strip().encode(), key.encode()) and scheme.lower() == "bearer": return True
+        self._error(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`",
+                    headers={"WWW-Authenticate": "Bearer"})
+        return False
 
     def do_GET(self):
+        s, path = self.server, self.path.split("?")[0].rstrip("/")
+        if path == "/health": return self._json(200, s.health())
+        if not self._authorized(): return
+        if path == "/v1/models":
+            card = dict(id=s.model_id, object="model", created=s.created, owned_by="anita")
+            return self._json(200, dict(object="list", data=[card]))
+        self._error(404, f"unknown path {self.path[:200]}: this server has {_ROUTES}")
+
+    def _not_allowed(self):
+        self._body_done = not self.headers.get("Content-Length") and not self.headers.get("Transfer-Encoding")
+        self._error(405, f"method {self.command} not allowed: this server has {_ROUTES}", headers={"Allow": "GET, POST"})
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_TRACE = do_CONNECT = _not_allowed
+
+    def _read_json(self):
+        "The request body as JSON, after checking its length header against `--max-request-bytes`."
         s = self.server
-        if self.path.rstrip("/") == "/health": return self._json(200, dict(status="ok", model=s.model_id, backend=s.engine.backend))
-        if self.path.rstrip("/") == "/v1/models":
-            return self._json(200, dict(object="list", data=[dict(id=s.model_id, object="model", created=s.created, owned_by="anita")]))
-        self._error(404, f"unknown path {self.path}: this server has GET /v1/models, GET /health, POST /v1/chat/completions", code="not_found")
+        if self.headers.get("Transfer-Encoding"):
+            raise RequestError("Transfer-Encoding request bodies are not supported: send Content-Length", status=411)
+        cl = self.headers.get("Content-Length")
+        if cl is None: raise RequestError("Content-Length: required (the JSON body's size in bytes)", status=411)
+        if not (cl.strip().isascii() and cl.strip().isdigit()):
+            raise RequestError(f"Content-Length: expected a non-negative integer, got {cl[:40]!r}",
+                               code="bad_content_length")
+        n = int(cl)
+        if n > s.max_request_bytes:
+            raise RequestError(f"the request body has {n} bytes, more than this server accepts ({s.max_request_bytes}, "
+                               "--max-request-bytes)", status=413)
+        data = self.rfile.read(n)
+        if len(data) < n: raise ConnectionAbortedError("the client sent less than its Content-Length")
+        self._body_done = True
+        try: return json.loads(data)
+        except RecursionError: raise RequestError("the request body is nested too deeply") from None
+        except ValueError as e: raise RequestError(f"the request body is not valid JSON ({str(e)[:200]})") from None
 
     def do_POST(self):
         s = self.server
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            return self._error(404, f"unknown path {self.path}: this server has POST /v1/chat/completions", code="not_found")
+        self._body_done = False
+        if self.path.split("?")[0].rstrip("/") != "/v1/chat/completions":
+            return self._error(404, f"unknown path {self.path[:200]}: this server has POST /v1/chat/completions")
+        if not self._authorized(): return
         try:
-            n = int(self.headers.get("Content-Length") or 0)
-            try: body = json.loads(self.rfile.read(n) or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e: raise RequestError(f"the request body is not valid JSON ({e})")
-            req = parse_chat_request(body, s.model_id, s.max_tokens_limit)
+            req = parse_chat_request(self._read_json(), s.model_id, s.max_tokens_limit)
+            prompt, n = s.engine.prepare(req["messages"])
+            req["max_tokens"] = fit_context(n, req["max_tokens"], s.engine.context_length, req["explicit_max_tokens"])
         except RequestError as e: return self._error(e.status, str(e), e.param, e.code)
-        with s.lock: self._complete(req)
+        self._run(req, prompt)
 
-    def _complete(self, req):
-        s, stop, info = self.server, threading.Event(), {}
+    def _run(self, req, prompt):
+        "Wait for a free slot (bounded queue), then generate; stops when the client leaves or the time limit passes."
+        s, stop, gone, done = self.server, threading.Event(), threading.Event(), threading.Event()
+        deadline = time.monotonic() + s.request_timeout
+        def watch():
+            watch_client(self.connection, gone, done)
+            if gone.is_set(): stop.set()
+        threading.Thread(target=watch, daemon=True).start()
+        try:
+            got = s.acquire(stop, deadline)
+            if not got:
+                if gone.is_set():
+                    self.close_connection = True
+                    return
+                why = "timed out waiting for a free slot" if got is False else "the queue is full"
+                return self._error(503, f"the server is busy ({why}: {s.parallel} running, at most {s.queue_size} "
+                                   "waiting; --parallel, --queue-size); retry later",
+                                   headers={"Retry-After": str(s.retry_after)})
+            info = {}
+            try:
+                s.count(running=1)
+                self._complete(req, prompt, stop, gone, info, deadline)
+            finally:
+                s.slots.release()
+                s.count(running=-1, served=1, cancelled=gone.is_set(), timed_out=bool(info.get("timed_out")))
+        finally: done.set()
+
+    def _complete(self, req, prompt, stop, gone, info, deadline):
+        s = self.server
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", _now()
         head = dict(id=cid, created=created, model=s.model_id, system_fingerprint=f"anita-{s.engine.backend}")
-        pieces = apply_stops(s.engine.stream(req["messages"], req["max_tokens"], req["temperature"], req["top_p"], req["seed"],
-                                             stop, info), req["stop"], stop)
+        pieces = apply_stops(s.engine.stream(prompt, req["max_tokens"], req["temperature"], req["top_p"], req["seed"], stop,
+                                             info, deadline, req["ignore_eos"]), req["stop"], stop)
         if not req["stream"]:
             try:
                 text, hit = [], None
                 while True: text.append(next(pieces))
             except StopIteration as e: hit = e.value
-            except Exception as e: return self._error(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
-            usage = self._usage(info)
+            except RequestError as e: return self._error(e.status, str(e), e.param, e.code)
+            except Exception as e: return self._error(500, f"generation failed: {type(e).__name__}: {e}")
+            if gone.is_set():                # nobody to answer
+                self.close_connection = True
+                return
             return self._json(200, dict(head, object="chat.completion", choices=[dict(index=0, logprobs=None,
                               message=dict(role="assistant", content="".join(text)), finish_reason="stop" if hit else info.get("finish_reason", "stop"))],
-                              usage=usage))
+                              usage=self._usage(info)))
         self.send_response(200)
         for k, v in (("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache"), ("Transfer-Encoding", "chunked")): self.send_header(k, v)
         self.end_headers()
@@ -250,14 +417,80 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk(ev({}, "stop" if hit else info.get("finish_reason", "stop")))
             if req["include_usage"]: self._chunk(dict(head, object="chat.completion.chunk", choices=[], usage=self._usage(info)))
             self._chunk("[DONE]")
-        except (BrokenPipeError, ConnectionResetError): stop.set(); self.close_connection = True; return
-        except Exception as e: self._chunk({"error": dict(message=f"generation failed: {type(e).__name__}: {e}", type="server_error", param=None, code=None)})
-        self.wfile.write(b"0\r\n\r\n"); self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n"); self.wfile.flush()
+        except OSError:                      # the client left (broken pipe, reset, or stalled past the I/O timeout)
+            stop.set()
+            pieces.close()
+            self.close_connection = True
+        except Exception as e:
+            err = {"error": dict(message=f"generation failed: {type(e).__name__}: {e}", type="server_error", param=None, code=None)}
+            try:
+                self._chunk(err)
+                self.wfile.write(b"0\r\n\r\n"); self.wfile.flush()
+            except OSError: self.close_connection = True
+
+    def _chunk(self, obj):
+        data = ("data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n").encode()
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n"); self.wfile.flush()
 
     @staticmethod
     def _usage(info):
         p, c = info.get("prompt_tokens") or 0, info.get("completion_tokens") or 0
         return dict(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+class _Server(ThreadingHTTPServer):
+    "The HTTP server: its settings, the generation slots and queue, and counters for `/health`."
+    daemon_threads = True
+    def __init__(self, addr, api_key=None, parallel:int=2, queue_size:int=16, request_timeout:float=300,
+                 max_request_bytes:int=1<<20, io_timeout:float=30, max_tokens_limit:int=4096, quiet:bool=False):
+        super().__init__(addr, _Handler)
+        self.api_key, self.queue_size, self.request_timeout = api_key, queue_size, request_timeout
+        self.max_request_bytes, self.io_timeout, self.max_tokens_limit = max_request_bytes, io_timeout, max_tokens_limit
+        self.quiet, self.want_parallel = quiet, parallel
+        self.created, self.retry_after, self.engine, self.model_id = _now(), 1, None, None
+        self.stats = dict(running=0, queued=0, served=0, cancelled=0, timed_out=0, refused=0)
+        self._lock = threading.Lock()
+
+    def use(self, engine, model_id:str):
+        "Serve `engine` as `model_id`: as many generation slots as `parallel` and the engine allow."
+        self.engine, self.model_id = engine, model_id
+        self.parallel = min(self.want_parallel, engine.max_parallel or self.want_parallel)
+        self.slots = threading.BoundedSemaphore(self.parallel)
+
+    def count(self, **kw):
+        with self._lock:
+            for k, v in kw.items(): self.stats[k] += int(v)
+
+    def acquire(self, stop:threading.Event, deadline:float):
+        "A generation slot: True; None when the queue is full; False when `stop` or `deadline` came first."
+        if self.slots.acquire(blocking=False): return True
+        with self._lock:
+            if self.stats["queued"] >= self.queue_size:
+                self.stats["refused"] += 1
+                return None
+            self.stats["queued"] += 1
+        try:
+            while not stop.is_set() and time.monotonic() < deadline:
+                if self.slots.acquire(timeout=0.05): return True
+            return False
+        finally: self.count(queued=-1)
+
+    def health(self) -> dict:
+        e = self.engine
+        return dict(status="ok", model=self.model_id, backend=e.backend, context_length=e.context_length,
+                    parallel=self.parallel, queue_size=self.queue_size, request_timeout=self.request_timeout,
+                    auth=bool(self.api_key), **self.stats)
+
+    def handle_error(self, request, client_address):
+        "A client that left or stalled is one line in the log (no traceback); anything else is a bug: its traceback."
+        e = sys.exc_info()[1]
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            if not self.quiet:
+                sys.stderr.write(f"anita-serve {time.strftime('%H:%M:%S')} {client_address[0]}: {type(e).__name__}: {e}\n")
+            return
+        super().handle_error(request, client_address)
+
+class _Server6(_Server): address_family = socket.AF_INET6
 
 def make_engine(src:str, backend:str="transformers"):
     "The engine for `src`: `transformers`, or `llama.cpp` for a GGUF file."
@@ -268,12 +501,11 @@ def make_engine(src:str, backend:str="transformers"):
     if backend == "transformers": return TransformersEngine(src)
     raise ValueError(f"backend {backend!r}: anita's server runs `transformers` or `llama.cpp` (vLLM runs its own server)")
 
-def make_server(engine, model_id:str, host:str="127.0.0.1", port:int=8000, max_tokens_limit:int=4096, quiet:bool=False):
-    "A threading HTTP server with the OpenAI chat-completions API for `engine`, bound to `host:port` (port 0: a free one)."
-    srv = ThreadingHTTPServer((host, port), _Handler)
-    srv.daemon_threads = True
-    srv.engine, srv.model_id, srv.max_tokens_limit, srv.quiet = engine, model_id, max_tokens_limit, quiet
-    srv.lock, srv.created = threading.Lock(), _now()
+def make_server(engine, model_id:str, host:str="127.0.0.1", port:int=8000, max_tokens_limit:int=4096, quiet:bool=False,
+                **kw):
+    "A threading HTTP server with the OpenAI API for `engine` on `host:port` (0: a free port); `kw`: `_Server`'s limits."
+    srv = (_Server6 if ":" in host else _Server)((host, port), max_tokens_limit=max_tokens_limit, quiet=quiet, **kw)
+    if engine is not None: srv.use(engine, model_id)
     return srv
 
 # %% ../nbs/14_serve.ipynb #c13828c1
@@ -286,41 +518,84 @@ def pick_backend(src:str, backend:str="auto") -> str:
     return "transformers"
 
 def vllm_command(src:str, name:str, host:str, port:int, extra=()) -> list:
-    "The `vllm serve` command line for a model folder."
+    "The `vllm serve` command line for a model folder (an API key goes in the environment, `VLLM_API_KEY`, not here)."
     exe = shutil.which("vllm")
     head = [exe, "serve"] if exe else [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
     return [*head, str(src), "--host", host, "--port", str(port), "--served-model-name", name, *extra]
+
+def is_loopback(host:str) -> bool:
+    "Whether `host` only reaches this machine: 127.0.0.0/8, ::1, or a name that resolves only to those."
+    try: return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError: pass
+    if not host: return False
+    try: return all(ipaddress.ip_address(a[4][0].split("%")[0]).is_loopback for a in socket.getaddrinfo(host, None))
+    except (OSError, ValueError): return False
 
 def parse_args(argv=None):
     "Command-line options of `anita-serve`."
     p = argparse.ArgumentParser("anita-serve", description="An OpenAI-compatible chat endpoint for an anita model (local by default).")
     p.add_argument("--model", default="embedded", help="merged folder, GGUF file, step folder (runs/demo/04_ita, runs/demo/13_export), `embedded` or a Hub id")
     p.add_argument("--backend", default="auto", choices=["auto", "vllm", "llama.cpp", "transformers"])
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; another needs --api-key or --insecure)")
+    p.add_argument("--port", type=int, default=8000, help="0-65535 (0: a free port)")
     p.add_argument("--served-name", default=None, help="model id clients send (default: the step or file name)")
+    p.add_argument("--api-key", default=None, help="clients must send `Authorization: Bearer KEY` (default: $ANITA_API_KEY; "
+                   "prefer the variable: a command line is visible to other users)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-request-bytes", type=int, default=1<<20, help="largest request body (bytes); larger ones get 413")
+    p.add_argument("--parallel", type=int, default=2, help="generations running at once (llama.cpp: 1)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests waiting for a slot; more get 503 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=300, help="seconds a request may take, waiting included; "
+                   "a reply cut by it ends with finish_reason `length`")
     p.add_argument("--vllm-arg", action="append", default=[], help="extra option passed to `vllm serve` (repeatable)")
     p.add_argument("--quiet", action="store_true", help="no request log")
     return p.parse_args(argv)
+
+def check_options(a) -> str|None:
+    "The API key (`--api-key`, else $ANITA_API_KEY); `ValueError` names a bad option. Runs before the model loads."
+    if not 0 <= a.port <= 65535: raise ValueError(f"--port {a.port}: expected 0-65535 (0: a free port)")
+    for k in ("max_tokens_limit", "max_request_bytes", "parallel"):
+        if getattr(a, k) < 1: raise ValueError(f"--{k.replace('_', '-')} {getattr(a, k)}: expected a positive integer")
+    if a.queue_size < 0: raise ValueError(f"--queue-size {a.queue_size}: expected 0 or more")
+    if not 0 < a.request_timeout < float("inf"):
+        raise ValueError(f"--request-timeout {a.request_timeout}: expected a positive number of seconds")
+    key = a.api_key if a.api_key is not None else os.environ.get("ANITA_API_KEY")
+    if key is not None and (not key.strip() or not key.isprintable() or key != key.strip()):
+        raise ValueError("--api-key / ANITA_API_KEY: expected a non-empty key of printable characters, no surrounding spaces")
+    if not key and not a.insecure and not is_loopback(a.host):
+        raise ValueError(f"--host {a.host}: not a loopback address and no API key: anyone who reaches it could use the "
+                         "model. "
+                         "Set ANITA_API_KEY (or --api-key), or pass --insecure")
+    return key or None
 
 def main(argv=None) -> int:
     "Entry point of `anita-serve`."
     a = parse_args(argv)
     try:
+        key = check_options(a)
         src = serve_source(a.model)
         name = a.served_name or served_name(src)
         be = pick_backend(src, a.backend)
         if be == "vllm":
             cmd = vllm_command(src, name, a.host, a.port, a.vllm_arg)
             print(f"anita-serve: {name} with vLLM: {' '.join(cmd)}", flush=True)
-            return subprocess.call(cmd)
-        engine = make_engine(src, be)
-        srv = make_server(engine, name, a.host, a.port, a.max_tokens_limit, a.quiet)
+            return subprocess.call(cmd, env={**os.environ, **({"VLLM_API_KEY": key} if key else {})})
+        srv = make_server(None, name, a.host, a.port, a.max_tokens_limit, a.quiet, api_key=key, parallel=a.parallel,
+                          queue_size=a.queue_size, request_timeout=a.request_timeout,
+                          max_request_bytes=a.max_request_bytes)
     except (FileNotFoundError, ValueError, ModuleNotFoundError, OSError) as e:
-        print(f"anita-serve: error: {e}", file=sys.stderr); return 2
+        print(f"anita-serve: error: {e}", file=sys.stderr)
+        return 2
+    try: srv.use(make_engine(src, be), name)      # bound first: a port in use is an error before the model loads
+    except (FileNotFoundError, ValueError, ModuleNotFoundError, OSError) as e:
+        print(f"anita-serve: error: {e}", file=sys.stderr)
+        srv.server_close()
+        return 2
     host, port = srv.server_address[:2]
-    print(f"anita-serve: {name} ({be}) on http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
+    print(f"anita-serve: {name} ({be}) on http://{host}:{port}/v1 (OpenAI API; {srv.parallel} at a time, "
+          f"{srv.queue_size} waiting; {'API key required' if key else 'no API key'}; Ctrl-C stops)", flush=True)
     try: srv.serve_forever()
     except KeyboardInterrupt: pass
     finally: srv.server_close()

@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib, csv, json, os, resource, shutil, time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from .core import (PAPER_BASE, ANITA_SYSTEM_PROMPT, atomic_dir, atomic_write, write_json, read_json, seed_everything,
-                        device_info, fingerprint, resolve_model, ensure_pad_token, run_dir, step_manifest)
+from .core import (OUTPUTS_READY, PAPER_BASE, ANITA_SYSTEM_PROMPT, atomic_dir, atomic_write, write_json, read_json,
+                        seed_everything, device_info, fingerprint, resolve_model, ensure_pad_token, run_dir,
+                        step_manifest, process_rank, barrier)
 from .trainconfig import *
 from .backends import *
 from .batching import *
@@ -17,11 +18,11 @@ from .backends import _has                  # private names used below (`anita.d
 from .batching import _adds_bos, _uses_bf16
 
 # %% auto #0
-__all__ = ['TRAINER_KEYS', 'SFT_STAGE', 'AnitaTrainerMixin', 'latest_checkpoint', 'prepare_resume', 'write_train_log',
-           'oom_guard', 'resolve_report_to', 'train_args', 'Stage', 'load_model', 'drop_ref_adapter', 'make_trainer',
-           'run_training', 'reuse_packing', 'keep_packing', 'steady_tokens_per_s', 'save_adapter_and_logs',
-           'peak_memory_gb', 'train_report', 'save_merged_with_card', 'run_generations', 'fit', 'sft_data', 'train_sft',
-           'load_step_data', 'loss_table']
+__all__ = ['TRAINER_KEYS', 'SFT_STAGE', 'AnitaTrainerMixin', 'latest_checkpoint', 'prepare_resume', 'checkpoint_problem',
+           'set_aside', 'usable_checkpoint', 'damaged_report', 'write_train_log', 'oom_guard', 'resolve_report_to',
+           'train_args', 'Stage', 'load_model', 'drop_ref_adapter', 'make_trainer', 'run_training', 'reuse_packing',
+           'keep_packing', 'steady_tokens_per_s', 'save_adapter_and_logs', 'peak_memory_gb', 'train_report',
+           'save_merged_with_card', 'run_generations', 'fit', 'sft_data', 'train_sft', 'load_step_data', 'loss_table']
 
 # %% ../nbs/02_sft.ipynb #8e13e992
 class AnitaTrainerMixin:
@@ -32,11 +33,14 @@ class AnitaTrainerMixin:
         self.anita_tokens += int(am.sum()) if am is not None else int(ids.numel()) if ids is not None else 0
         return super().training_step(model, inputs, *args, **kwargs)
     def _save_checkpoint(self, model, trial, *args, **kwargs):
-        final = Path(self.args.output_dir); stage = final/".staging"
-        shutil.rmtree(stage, ignore_errors=True); stage.mkdir(parents=True)
+        final = Path(self.args.output_dir); stage = final/".staging"; main = self.args.process_index == 0
+        if main: shutil.rmtree(stage, ignore_errors=True); stage.mkdir(parents=True)
+        barrier()   # several processes: each writes its own files (`rng_state_<rank>.pth`) into the folder rank 0 made
         self.args.output_dir = str(stage)
         try: super()._save_checkpoint(model, trial, *args, **kwargs)
         finally: self.args.output_dir = str(final)
+        barrier()   # all written: rank 0 alone moves the checkpoint in place
+        if not main: return
         for d in sorted(stage.glob("checkpoint-*")):
             if (final/d.name).exists(): shutil.rmtree(final/d.name)
             os.replace(d, final/d.name)
@@ -44,6 +48,16 @@ class AnitaTrainerMixin:
         keep = self.args.save_total_limit
         if keep:
             for d in _checkpoints(final)[:-keep]: shutil.rmtree(d, ignore_errors=True)
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # several CPU processes: transformers maps the optimizer state to `args.device`, an indexed `cpu:N` that
+        # torch.load cannot restore to ("don't know how to restore data location"); the plain CPU is the same memory
+        if not checkpoint or self.args.world_size < 2 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+        load = torch.load
+        torch.load = lambda *a, **k: load(*a, **{**k, "map_location": "cpu"})
+        try: return super()._load_optimizer_and_scheduler(checkpoint)
+        finally: torch.load = load
 
 def _checkpoints(d) -> list:
     d = Path(d)
@@ -56,16 +70,75 @@ def latest_checkpoint(ckpt_dir) -> str|None:
     return str(cks[-1]) if cks else None
 
 def prepare_resume(ckpt_dir, key:dict, resume:bool=True) -> str|None:
-    "Check the checkpoints in `ckpt_dir` were made with the same `key` (params + data); return the one to resume from."
+    """Check the checkpoints in `ckpt_dir` were made with the same `key` (params + data); return the one to resume
+    from: the newest that loads (`usable_checkpoint`: damaged ones are moved aside)."""
     ckpt_dir = Path(ckpt_dir); kf = ckpt_dir/"resume_key.json"
     if not resume and ckpt_dir.exists(): shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    last = latest_checkpoint(ckpt_dir)
+    last = usable_checkpoint(ckpt_dir)
     if last and kf.exists() and read_json(kf) != json.loads(json.dumps(key, default=str)):
         raise ValueError(f"{ckpt_dir}: checkpoints were made with other parameters or data; pass resume=False to start over")
     write_json(kf, key)
     if last: print(f"resuming from {last}")
     return last
+
+# %% ../nbs/02_sft.ipynb #72b3edaf
+def _check_safetensors(f):
+    "Read every tensor of the safetensors file `f` (a truncated or damaged file raises)."
+    from safetensors import safe_open
+    with safe_open(str(f), "pt") as s:
+        for k in s.keys(): s.get_tensor(k)
+
+def checkpoint_problem(ck) -> str|None:
+    "Why checkpoint `ck` does not load (file and error), or None: safetensors read, JSON parsed, torch zips checked."
+    import zipfile
+    if not (Path(ck)/"trainer_state.json").is_file(): return "trainer_state.json is missing"
+    for f in sorted(p for p in Path(ck).iterdir() if p.is_file()):
+        try:
+            if f.suffix == ".safetensors": _check_safetensors(f)
+            elif f.suffix == ".json": json.loads(f.read_text(encoding="utf-8"))
+            elif f.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(f) as z: bad = z.testzip()
+                if bad is not None: return f"{f.name}: its record {bad} is damaged"
+        except Exception as e: return f"{f.name}: {type(e).__name__}: {e}".replace("\n", " ")
+    return None
+
+def set_aside(ck) -> Path:
+    "Move the damaged checkpoint folder `ck` to `damaged/` beside it (a rename; `.1`, `.2`, ... if the name is taken)."
+    ck = Path(ck); dst = ck.parent/"damaged"/ck.name
+    for i in range(1, 1000):
+        if not dst.exists(): break
+        dst = dst.with_name(f"{ck.name}.{i}")
+    dst.parent.mkdir(exist_ok=True)
+    os.replace(ck, dst)
+    return dst
+
+def usable_checkpoint(ckpt_dir, log=print,
+                      main:bool=None # whether this process moves damaged ones (default: rank 0 of `RANK`)
+                     ) -> str|None:
+    """The newest checkpoint under `ckpt_dir` that loads, or None. Newer damaged ones are moved to `ckpt_dir/damaged/`
+    (by the main process only: other ranks skip them), said in the log and added to `damaged/damaged.json`."""
+    main, tried = process_rank() == 0 if main is None else main, 0
+    for ck in reversed(_checkpoints(ckpt_dir) if Path(ckpt_dir).exists() else []):
+        tried += 1
+        if (problem := checkpoint_problem(ck)) is None: return str(ck)
+        dst = set_aside(ck) if main else ck
+        moved = f"moved to {dst}; " if main else ""
+        log(f"checkpoint {ck} does not load ({problem}): {moved}trying the one before")
+        if main:
+            rec = Path(ckpt_dir)/"damaged"/"damaged.json"
+            seen = read_json(rec) if rec.exists() else []
+            item = dict(checkpoint=ck.name, moved_to=str(dst), problem=problem, at=time.strftime("%F %T"))
+            write_json(rec, [*seen, item])
+    if tried: log(f"no checkpoint in {ckpt_dir} loads: training starts afresh")
+    return None
+
+def damaged_report(ckpt_dir) -> dict:
+    "The step report's record of the checkpoints set aside as damaged (`damaged_checkpoints`: names), {} if none."
+    rec = Path(ckpt_dir)/"damaged"/"damaged.json"
+    items = read_json(rec) if rec.exists() else []
+    if not items: return {}
+    return dict(damaged_checkpoints=", ".join(d["checkpoint"] for d in items), damaged_checkpoints_detail=items)
 
 # %% ../nbs/02_sft.ipynb #03ac5ca6
 def write_train_log(log_history:list, out_dir, timing:dict=None) -> dict:
@@ -242,12 +315,14 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20
 
 def train_report(step:str, cfg, trainer, loaded:str, data:dict, resumed_from, run:dict, log_json) -> dict:
-    "The step's report: its whole config, what was loaded, the data report and plan, steps, speed, memory, losses."
-    losses, secs, tokens = [r["loss"] for r in read_json(log_json)], run["train_s"], trainer.anita_tokens
+    "The step's report: its processes and their tokens, config, model loaded, data and plan, steps, speed, losses."
+    rank_tokens = run.get("rank_tokens") or [trainer.anita_tokens]
+    losses, secs, tokens = [r["loss"] for r in read_json(log_json)], run["train_s"], sum(rank_tokens)
     attn = getattr(getattr(trainer.model, "config", None), "_attn_implementation", None)
     return dict(step=step, backend=cfg.backend, params=asdict(cfg), loaded_model=loaded, attn_implementation=attn,
                 data=data, plan=data.get("plan"), optimizer_steps=trainer.state.global_step, resumed_from=resumed_from,
-                train_runtime_s=round(secs, 2), real_tokens_trained=tokens,
+                train_runtime_s=round(secs, 2), real_tokens_trained=tokens, world_size=len(rank_tokens),
+                rank_tokens=rank_tokens,
                 tokens_per_s=round(tokens/secs, 1) if secs > 0 else None,
                 steady_tokens_per_s=steady_tokens_per_s(run.get("timing")), peak_mem_gb=round(peak_memory_gb(), 3),
                 loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
@@ -293,23 +368,29 @@ def fit(stage:Stage,          # what makes the step SFT, DPO or the Italian adap
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = step_config(stage.config, model=str(model), **opts)
     cfg = replace(cfg, backend=pick_backend(cfg.backend, model))
+    init_distributed(cfg.backend in ("unsloth", "hf"))   # several processes: every rank trains, rank 0 writes
     m, tok, loaded = load_model(cfg)
-    last = prepare_resume(out_dir/"checkpoints", dict(step=step, params=asdict(cfg), data=fingerprint(dataset)), resume)
+    key = dict(step=step, params=asdict(cfg), data=fingerprint(dataset))
+    last = on_rank0(lambda: prepare_resume(out_dir/"checkpoints", key, resume))
     run_cfg, measured = reuse_packing(cfg, out_dir/"checkpoints", last)
     trainer, data = make_trainer(stage, m, tok, dataset, out_dir/"checkpoints", run_cfg)
-    keep_packing(data, out_dir/"checkpoints", measured)
+    if process_rank() == 0: keep_packing(data, out_dir/"checkpoints", measured)
     run = run_training(trainer, last, cfg)
-    paths = save_adapter_and_logs(trainer, tok, out_dir, run["timing"])
-    report = train_report(step, cfg, trainer, loaded, data, last, run, paths["log"])
-    if merge:
-        used = datasets_used or stage.datasets
-        paths.update(save_merged_with_card(trainer, tok, out_dir, step, cfg, loaded, used, report))
-    if generate:
-        report["generations"] = run_generations(trainer, tok, cfg, paths.get("merged"))
-        paths["generations"] = str(write_json(out_dir/"generations.json", report["generations"]))
-    report["total_runtime_s"] = round(time.time() - t_start, 2)
-    paths["report_path"] = str(write_json(out_dir/"report.json", report))
-    return dict(paths, report=report)
+    run["rank_tokens"] = all_ranks(trainer.anita_tokens)
+    def save():
+        paths = save_adapter_and_logs(trainer, tok, out_dir, run["timing"])
+        report = train_report(step, cfg, trainer, loaded, data, last, run, paths["log"])
+        report.update(damaged_report(out_dir/"checkpoints"))
+        if merge:
+            used = datasets_used or stage.datasets
+            paths.update(save_merged_with_card(trainer, tok, out_dir, step, cfg, loaded, used, report))
+        if generate:
+            report["generations"] = run_generations(trainer, tok, cfg, paths.get("merged"))
+            paths["generations"] = str(write_json(out_dir/"generations.json", report["generations"]))
+        report["total_runtime_s"] = round(time.time() - t_start, 2)
+        paths["report_path"] = str(write_json(out_dir/"report.json", report))
+        return dict(paths, report=report)
+    return on_rank0(save)   # every rank returns rank 0's paths and report
 
 # %% ../nbs/02_sft.ipynb #4a7a0900
 def sft_data(model, tok, dataset, cfg) -> tuple:
@@ -321,8 +402,9 @@ def sft_data(model, tok, dataset, cfg) -> tuple:
     packing = cfg.packing
     if packing == "auto":  # pack only where it is faster here: measured, both throughputs in the report
         bf16 = _uses_bf16(cfg.backend, cfg.bf16)
-        rep["packing_measured"] = pm = packing_throughput(model, tok, tds, cfg.max_length, cfg.batch_size, bf16,
-                                                          packed_batch=packed_micro_batch(cfg.micro_batch_tokens, cfg.max_length))
+        pb = packed_micro_batch(cfg.micro_batch_tokens, cfg.max_length)   # several processes: rank 0's choice for all
+        rep["packing_measured"] = pm = on_rank0(lambda: packing_throughput(model, tok, tds, cfg.max_length,
+                                                                           cfg.batch_size, bf16, packed_batch=pb))
         packing = pm["packing"]
         print(f"packing='auto': packed {pm['packed_tokens_per_s']} real tokens/s, padded {pm['padded_tokens_per_s']} "
               f"-> {'packed' if packing else 'padded'}" + (f" ({pm['errors']})" if pm["errors"] else ""))
@@ -353,14 +435,16 @@ def train_sft(model:str,          # base model: Hub id, local folder (e.g. a ste
 
 # %% ../nbs/02_sft.ipynb #d5288390
 def load_step_data(data_dir, kind:str, tokenizer_model:str, **prep):
-    "The data step's `{data_dir}/{kind}` dataset, or (data_dir=None) the shipped sample prepared inline with `anita.data`."
+    """The data step's `{data_dir}/{kind}` dataset, loaded into memory (so that TRL's `.map` writes no cache file into
+    the data step's finished folder), or (data_dir=None) the shipped sample prepared inline with `anita.data`."""
     from datasets import load_from_disk
     if data_dir is not None:
         p = Path(data_dir)/kind
         mf = Path(data_dir)/"manifest.json"
         if not p.exists(): raise FileNotFoundError(f"{p}: missing: run the data step first")
-        if mf.exists() and read_json(mf).get("status") != "completed": raise ValueError(f"{mf}: data step not completed")
-        return load_from_disk(str(p))
+        if mf.exists() and read_json(mf).get("status") not in OUTPUTS_READY:
+            raise ValueError(f"{mf}: data step not completed")
+        return load_from_disk(str(p), keep_in_memory=True)
     from transformers import AutoTokenizer
     import anita.data as data
     tok = AutoTokenizer.from_pretrained(require_model_input(tokenizer_model))

@@ -183,19 +183,23 @@ def job_plan(recipe:dict, run:str, root, steps=None, sets=(), force:bool=False, 
     for n in names:
         st, res = recipe["steps"][n], step_resources(recipe, n, env)
         nodes, nshards = int(res.get("nodes", 1)), len(st["shards"]["values"]) if st["shards"] else 0
-        opts = list(common)
+        procs = int(res.get("procs", 0) or res.get("gpus", 0) or 1)   # training processes per node
+        opts, job_env = list(common), {}
         for k, v in res.items():
             if k in ("partition", "account", "qos") and env.get(_ENV_RES[k]): continue   # already in common
+            if k == "procs": job_env["PROCS_PER_NODE"] = str(procs); continue
             if k == "gpus": opts += [f"--gpus-per-node={v}"] if int(v) > 0 else []
             elif k == "cpus": opts.append(f"--cpus-per-task={v}")
             else: opts.append(f"--{k}={v}")
         if nshards:
             kind = "array"; opts += [f"--array=0-{nshards-1}", f"--output={logs}/slurm-%x-%A_%a.out"]
         else:
-            kind = "multinode" if nodes > 1 else "step"; opts.append(f"--output={logs}/slurm-%x-%j.out")
+            kind = "multinode" if nodes > 1 or "procs" in res and procs > 1 else "step"
+            opts.append(f"--output={logs}/slurm-%x-%j.out")
+            if kind == "multinode" and "nodes" not in res: opts.append("--nodes=1")   # the script's own default is 2
         opts += [f"--job-name=anita-{run}-{n}", f"--signal=B:USR1@{lead}"]
         jobs.append(dict(name=n, script=SCRIPTS[kind], after=jobs[-1]["name"] if jobs else None, opts=opts,
-                         env=dict(base, STEP=n, ANITA_OFFLINE="0" if n in online else "1")))
+                         env=dict(base, STEP=n, ANITA_OFFLINE="0" if n in online else "1", **job_env)))
     jobs.append(dict(name="report", script=SCRIPTS["report"], after=[j["name"] for j in jobs], env=dict(base, STEP="report", ANITA_OFFLINE="1"),
                      opts=common + [f"--job-name=anita-{run}-report", f"--output={logs}/slurm-%x-%j.out", "--time=00:30:00"]))
     return jobs

@@ -49,7 +49,7 @@ def test_chat_notebook(tmp_path):
     d = tmp_path/"nbtest"/"10_chat"
     t = json.loads((d/"transcript.json").read_text())
     assert t["n_chunks"] >= 2 and t["reply"].strip() and t["reply"] == t["chunks"][-1]
-    assert json.loads((d/"manifest.json").read_text())["status"] == "completed"
+    assert json.loads((d/"manifest.json").read_text())["status"] == "outputs-written"
 
 def _free_port():
     with socket.socket() as s:

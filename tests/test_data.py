@@ -224,7 +224,7 @@ def test_run_data_step(tmp_path, smol):
     step = tmp_path/"t"/"01_data"
     assert {p.name for p in step.iterdir()} == {"sft", "dpo", "ita", "report.json", "token_lengths.png", "manifest.json"}
     m = read_manifest(step)
-    assert m["status"] == "completed" and sorted(m["outputs"]) == ["dpo", "ita", "report.json", "sft", "token_lengths.png"]
+    assert m["status"] == "outputs-written" and sorted(m["outputs"]) == ["dpo", "ita", "report.json", "sft", "token_lengths.png"]
     on_disk = json.loads((step/"report.json").read_text())
     assert on_disk["ita"]["rows_out"] == 30 == len(load_from_disk(str(step/"ita")))
     assert on_disk["sft"]["token_lengths"]["count"] == len(load_from_disk(str(step/"sft"))) and on_disk["sft"]["token_lengths"]["p50"] > 20

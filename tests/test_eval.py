@@ -17,7 +17,7 @@ def step(tmp_path_factory, embedded_dir):
 
 def test_local_suite_outputs(step):
     d, res = step
-    assert read_manifest(d)["status"] == "completed"
+    assert read_manifest(d)["status"] == "outputs-written"
     for f in ("results.json", "results.csv", "table.md", "chart.png", "generations.json", "report.json", "lm_eval/base.json"):
         assert (d/f).exists(), f
     r = read_json(d/"results.json")

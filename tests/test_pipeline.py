@@ -262,10 +262,11 @@ def test_changed_inputs_rerun(reader, tmp_path):
     assert _runr(y, tmp_path) == dict(data="ran", train="ran", eval="ran")
     assert read_json(rd/"02_train/report.json")["rows"] == 2
     assert _runr(y, tmp_path) == dict(data="skipped", train="skipped", eval="skipped")
-    # the previous step's output changed behind the pipeline's back: the steps after it rerun
+    # the previous step's output changed behind the pipeline's back: that step is rebuilt (its files differ from its
+    # manifest, issue 21), then the steps after it rerun on the rebuilt output
     (rd/"01_data/report.json").write_text(json.dumps(dict(rows=9)))
-    assert _runr(y, tmp_path) == dict(data="skipped", train="ran", eval="ran")
-    assert read_json(rd/"02_train/report.json")["rows"] == 9
+    assert _runr(y, tmp_path) == dict(data="ran", train="ran", eval="ran")
+    assert read_json(rd/"02_train/report.json")["rows"] == 2
     # a folder input: a file added to it reruns the step
     d = tmp_path/"rows"; d.mkdir(); (d/"1.txt").write_text("a\n")
     assert _runr(y, tmp_path, sets=[f"data.src={d}"], steps="data") == dict(data="ran")
@@ -463,13 +464,18 @@ def test_no_step_folder_names_in_the_recipes():
         assert not re.search(r"\{run\}/\d\d_", text), name
         assert "{steps.sft}/merged" in text and "{steps.data}" in text
 
+def _tree(d:Path) -> dict:
+    "`{path: (size, mtime_ns)}` of every file under `d`, hidden ones too."
+    return {str(f.relative_to(d)): (f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(d.rglob("*")) if f.is_file()}
+
 RENAMED = dict(data="prepared", sft="tuned", dpo="aligned", ita="italian", eval="scores", export="gguf")
 
 @pytest.mark.timeout(3600)   # six real steps: about 5 minutes on an idle 2-core CPU
 def test_every_step_folder_renamed_real_steps(tmp_path):
     """The tiny recipe (real notebooks, sizes shrunk) with every step's folder renamed by `dir:`: the run completes, each step
     reads the ones before it from their new folders, and the evaluation (models ordered by the chain of step manifests,
-    not by folder names) and its held-out figures reach the report and `compare`."""
+    not by folder names) and its held-out figures reach the report and `compare`. No step writes into another step's folder,
+    and a second run right after skips all six steps and changes no step folder (issue 21, item 1)."""
     import yaml
     from anita.eval import compare
     tiny = yaml.safe_load((ROOT/"anita"/"recipes"/"tiny.yaml").read_text())
@@ -482,9 +488,13 @@ def test_every_step_folder_renamed_real_steps(tmp_path):
     sizes += [f"{s}.{k}={v}" for s in ("sft", "dpo", "ita") for k, v in (("max_steps", 2), ("save_steps", 2), ("gen_max_new_tokens", 4))]
     sizes += ["eval.suite=anita_mc_en", "eval.limit=4", "eval.heldout_max_length=64", "eval.gen_max_new_tokens=4",
               "export.types=[f16]", "export.max_new_tokens=4", "export.llama_cpp_check=false"]
-    assert run_recipe(tmp_path/"renamed.yaml", run="r", root=tmp_path/"runs", sets=sizes, progress=False, log=lambda s: None) == \
+    rd, snaps = tmp_path/"runs"/"r", {}
+    def snap(line):   # each step's folder as it was when the step completed: later steps must leave it alone
+        if m := re.match(r"\[\d+/\d+\] (\w+) .*: completed in ", line): snaps[m.group(1)] = _tree(rd/RENAMED[m.group(1)])
+    assert run_recipe(tmp_path/"renamed.yaml", run="r", root=tmp_path/"runs", sets=sizes, progress=False, log=snap) == \
         {n: "ran" for n in RENAMED}
-    rd = tmp_path/"runs"/"r"
+    assert list(snaps) == list(RENAMED)
+    for n, d in RENAMED.items(): assert _tree(rd/d) == snaps[n], f"{d} changed after its step completed"
     assert sorted(p.name for p in rd.iterdir() if p.is_dir()) == sorted([*RENAMED.values(), "logs"])
     for d in RENAMED.values(): assert read_json(rd/d/"manifest.json")["status"] == "completed", d
     assert read_json(rd/"tuned/manifest.json")["params"]["data_dir"] == str(rd/"prepared")
@@ -498,5 +508,12 @@ def test_every_step_folder_renamed_real_steps(tmp_path):
     assert (rd/"gguf"/"anita-F16.gguf").stat().st_size > 0 and read_json(rd/"gguf"/"report.json")["passed"]
     rep = (rd/"report.md").read_text()
     assert "## Evaluation" in rep and "### eval" in rep and "anita_mc_en" in rep and "![eval chart](scores/chart.png)" in rep
+    # issue 21, item 1: a second run right after skips every step, in seconds, and changes no step folder
+    t0, logs = time.time(), []
+    assert run_recipe(tmp_path/"renamed.yaml", run="r", root=tmp_path/"runs", sets=sizes, progress=False, log=logs.append) == \
+        {n: "skipped" for n in RENAMED}
+    print(f"second run of the six real steps: {time.time()-t0:.1f}s")
+    assert sum(": done, skipped" in s for s in logs) == 6, logs
+    for n, d in RENAMED.items(): assert _tree(rd/d) == snaps[n], f"{d} changed by the second run"
     assert held.strip().splitlines()[0] in rep and "## Export checks" in rep and "[scores.ipynb](scores.ipynb)" in rep
     assert list(compare(rd, paper=False).columns) == ["base", "ita"]   # the run's folder: its results found, whatever their folder

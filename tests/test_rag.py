@@ -13,7 +13,7 @@ def rag_run(tmp_path_factory):
 def test_rag_outputs(rag_run):
     from anita.core import read_manifest
     m = read_manifest(rag_run)
-    assert m["status"] == "completed"
+    assert m["status"] == "outputs-written"
     assert {"results.json", "retrieval.jsonl", "answers.jsonl"} <= set(m["outputs"])
     r = json.loads((rag_run/"results.json").read_text())
     assert r["n_docs"] == 11 and r["n_questions"] == 22 and r["top_k"] == 3

@@ -93,4 +93,4 @@ def test_notebook(tmp_path):
     assert m["users"]["llm"]["hit@10"] == sum(r["llm_rank"] < 10 for r in rows)/2
     n_all = m["all_users"]["random"]["n_users"]
     assert n_all == 40 and m["data"].endswith(ML_SAMPLE) and abs(m["all_users"]["random"]["hit@10"] - 0.5) < 4*math.sqrt(0.25/n_all)
-    assert json.loads((d/"manifest.json").read_text())["status"] == "completed"
+    assert json.loads((d/"manifest.json").read_text())["status"] == "outputs-written"

@@ -70,4 +70,4 @@ def test_notebook_zero_shot_and_fine_tuned(tmp_path):
     preds = pd.read_csv(d/"predictions.csv", keep_default_na=False)
     assert len(preds) == n and set(preds.zero_shot) <= set(LABELS) | {UNPARSEABLE}
     assert "0.871" in (d/"results.md").read_text()
-    assert json.loads((d/"manifest.json").read_text())["status"] == "completed"
+    assert json.loads((d/"manifest.json").read_text())["status"] == "outputs-written"

@@ -68,8 +68,8 @@ exit 0
     "scancel": '''#!/bin/bash
 "$FAKE_PY" -c 'import json,sys; print(json.dumps(dict(cmd="scancel", args=sys.argv[1:])))' "$@" >> "$FAKE_LOG"
 ''',
-    "accelerate": '''#!/bin/bash
-"$FAKE_PY" -c 'import json,sys; print(json.dumps(dict(cmd="accelerate", args=sys.argv[1:])))' "$@" >> "$FAKE_LOG"
+    "torchrun": '''#!/bin/bash
+"$FAKE_PY" -c 'import json,os,sys; print(json.dumps(dict(cmd="torchrun", args=sys.argv[1:], env={k: os.environ.get(k) for k in ("OMP_NUM_THREADS",)})))' "$@" >> "$FAKE_LOG"
 ''',
 }
 
@@ -286,22 +286,48 @@ def test_eval_array_task_command_line(fake_slurm, tmp_path):
     a = calls()[0]["args"]
     assert a[a.index("--steps")+1] == "eval" and a[a.index("--shard")+1] == "1"
 
-def test_multinode_accelerate_command_line(fake_slurm, tmp_path):
+def test_procs_step_is_multiprocess(tmp_path):
+    "A step with `procs` > 1 (processes per node) goes to the multi-process script with PROCS_PER_NODE set."
+    from anita.recipe import load_recipe
+    from anita.slurm import job_plan
+    y = tmp_path/"p.yaml"
+    y.write_text("name: p\nsteps:\n  data: {notebook: 01_data.ipynb}\n"
+                 "  sft: {notebook: 02_sft.ipynb, slurm: {procs: 2, cpus: 2}}\n  dpo: {notebook: 03_dpo.ipynb}\n")
+    jobs = {j["name"]: j for j in job_plan(load_recipe(y), "r", tmp_path, prefetch_job=False, env={})}
+    sft = jobs["sft"]
+    assert sft["script"] == "train_multinode.sbatch" and sft["env"]["PROCS_PER_NODE"] == "2", sft
+    assert "--cpus-per-task=2" in sft["opts"] and not any(o.startswith("--procs") for o in sft["opts"])
+    assert "--nodes=1" in sft["opts"]          # not the script's own default of 2 nodes
+    assert jobs["dpo"]["script"] == "step.sbatch" and "PROCS_PER_NODE" not in jobs["dpo"]["env"]
+
+def test_multinode_torchrun_command_line(fake_slurm, tmp_path):
     env, calls = fake_slurm
     r = subprocess.run(["bash", str(SLURM/"train_multinode.sbatch")], capture_output=True, text=True,
                        env={**env, "STEP": "sft", "RECIPE": "paper", "RUN": "p1", "SLURM_JOB_NODELIST": "gpu-node-[7-8]",
-                            "SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "h100:4", "ANITA_SETS": "sft.model=/m/my model"})
+                            "SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "h100:4", "SLURM_CPUS_PER_TASK": "32",
+                            "SLURM_JOB_ID": "1234", "ANITA_SETS": "sft.model=/m/my model"})
     assert r.returncode == 0, r.stderr
-    srun, acc = [x for x in calls() if x["cmd"] != "scontrol"]
+    srun, tr = [x for x in calls() if x["cmd"] != "scontrol"]
     assert srun["cmd"] == "srun" and "--ntasks-per-node=1" in srun["args"]
-    assert acc["cmd"] == "accelerate"
-    a = acc["args"]
-    assert a[0] == "launch" and "--multi_gpu" in a
-    for k, v in {"--num_machines": "2", "--num_processes": "8", "--machine_rank": "0", "--rdzv_backend": "c10d",
-                 "--main_process_ip": "gpu-node-7", "--main_process_port": "29500", "--steps": "sft", "--recipe": "paper"}.items():
+    assert tr["cmd"] == "torchrun" and tr["env"]["OMP_NUM_THREADS"] == "8"     # 32 CPUs shared by 4 processes
+    a = tr["args"]
+    for k, v in {"--nnodes": "2", "--nproc_per_node": "4", "--node_rank": "0", "--master_addr": "gpu-node-7",
+                 "--master_port": "21234", "--steps": "sft", "--recipe": "paper"}.items():
         assert a[a.index(k)+1] == v, (k, a)
     assert a[a.index("-m")+1] == "anita.pipeline"
     assert a[-2:] == ["--set", "sft.model=/m/my model"]      # --set values with spaces reach every node intact
+    # one CPU node, 2 processes (PROCS_PER_NODE, from the recipe's `procs`): the rendezvous is local
+    r = subprocess.run(["bash", str(SLURM/"train_multinode.sbatch")], capture_output=True, text=True,
+                       env={**env, "STEP": "sft", "RECIPE": "tiny", "RUN": "c1", "SLURM_JOB_NODELIST": "gpu-node-7",
+                            "SLURM_NNODES": "1", "PROCS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "2"})
+    assert r.returncode == 0, r.stderr
+    tr = [x for x in calls() if x["cmd"] == "torchrun"][-1]
+    assert tr["args"][tr["args"].index("--master_addr")+1] == "127.0.0.1" and tr["env"]["OMP_NUM_THREADS"] == "1"
+    assert tr["args"][tr["args"].index("--nproc_per_node")+1] == "2"
+    # neither GPUs nor PROCS_PER_NODE: refused, not a job that trains nothing
+    r = subprocess.run(["bash", str(SLURM/"train_multinode.sbatch")], capture_output=True, text=True,
+                       env={**env, "STEP": "sft", "RECIPE": "tiny", "RUN": "c2", "SLURM_JOB_NODELIST": "gpu-node-7"})
+    assert r.returncode == 2 and "how many processes per node" in r.stderr
 
 def test_array_shards_run_and_gather(tmp_path):
     "What the array tasks run: each shard executes the step's notebook with its value into its own folder; the report job gathers them."

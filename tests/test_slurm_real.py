@@ -2,10 +2,13 @@
 
 Needs a running Slurm: CI starts one with `bash .ci/slurm-up` (Debian's slurm-wlm and munge, slurmctld and slurmd as
 root, proctrack/linuxproc, no cgroups); elsewhere these tests skip and say so. Three chains run side by side:
-- `full`: the whole tiny recipe: every step `completed`, the eval array's two tasks run, the report is written;
+- `full`: the whole tiny recipe (sizes shrunk): every step `completed`, the eval array's two tasks run, the report is
+  written;
 - `fail`: the data step fails (a missing input file): the chain ends at once and the report names the failed step;
 - `tl`: `--steps data,sft` with `--set` overrides; when the SFT step has written a checkpoint its time limit is brought
-  near, Slurm signals the job, the job requeues itself and the step resumes from its checkpoint.
+  near, Slurm signals the job, the job requeues itself and the step resumes from its checkpoint;
+- `ddp`: `--steps data,sft,dpo` of the tiny recipe with `slurm: {procs: 2, cpus: 2}` on the SFT step: the SFT job is
+  `slurm/train_multinode.sbatch`, torchrun starts 2 processes (DDP over gloo), and the chain goes on with DPO.
 What one node cannot show (GPUs, several nodes, a partition's limits) is in tests/test_slurm.py, with fake commands.
 """
 import json, os, re, shutil, subprocess, sys, time
@@ -45,28 +48,47 @@ def queued(ids) -> list:
     r = subprocess.run(["squeue", "-h", "-o", "%F", "-j", ",".join(ids)], capture_output=True, text=True)
     return r.stdout.split() if r.returncode == 0 else []
 
-def submit(cwd, run, *args, env=None) -> dict:
-    r = subprocess.run([ANITA_RUN, "--recipe", "tiny", "--run", run, "--root", "runs", "--slurm", *args], cwd=cwd,
+def submit(cwd, run, *args, env=None, recipe="tiny") -> dict:
+    r = subprocess.run([ANITA_RUN, "--recipe", str(recipe), "--run", run, "--root", "runs", "--slurm", *args], cwd=cwd,
                        capture_output=True, text=True, env={**os.environ, **(env or {})})
     assert r.returncode == 0, r.stdout + r.stderr
     ids = dict(l.split() for l in r.stdout.splitlines() if re.fullmatch(r"\w+ \d+", l))
     assert "report" in ids, r.stdout
     return ids
 
+# the whole recipe's chain with its sizes shrunk (the path is the same: every step, the eval array's two shards, the report)
+STEPS_FULL = [f"data.n_heldout_{k}=4" for k in ("sft", "dpo", "ita", "en")] + \
+             [f"{s}.{k}={v}" for s in ("sft", "dpo", "ita") for k, v in (("max_steps", 2), ("save_steps", 2),
+                                                                        ("gen_max_new_tokens", 4))] + \
+             ["eval.limit=4", "eval.heldout_max_length=64", "eval.gen_max_new_tokens=4", "export.max_new_tokens=4"]
+STEPS_DDP = ["sft.max_steps=4", "sft.save_steps=2", "dpo.max_steps=2", "dpo.save_steps=2"]
+
+def ddp_recipe(d) -> Path:
+    "The tiny recipe with its SFT step on 2 processes of one node (CPU, gloo)."
+    import yaml
+    from anita.recipe import find_recipe
+    r = yaml.safe_load(find_recipe("tiny").read_text())
+    r["name"] = "tiny-ddp"
+    r["steps"]["sft"]["slurm"] = dict(procs=2, cpus=2)
+    (d/"tiny-ddp.yaml").write_text(yaml.safe_dump(r, sort_keys=False))
+    return d/"tiny-ddp.yaml"
+
 @pytest.fixture(scope="module")
 def chains(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm")
     os.chmod(d, 0o755)
     t0 = time.time()
-    want = os.environ.get("ANITA_SLURM_CHAINS", "full,fail,tl").split(",")   # a subset while developing
+    want = os.environ.get("ANITA_SLURM_CHAINS", "full,fail,tl,ddp").split(",")   # a subset while developing
     c = {}
-    if "full" in want: c["full"] = submit(d, "full")
+    if "full" in want: c["full"] = submit(d, "full", *[a for s in STEPS_FULL for a in ("--set", s)])
     if "fail" in want: c["fail"] = submit(d, "fail", "--set", "data.sft_source=/nonexistent/sft.jsonl")
     # heavier steps than the tiny default (4 packed rows of 256 tokens each), so the step is still running when
     # Slurm's signal comes (it checks time limits every 30 s); a signal during the merge after training also resumes
     # from the last checkpoint
     if "tl" in want: c["tl"] = submit(d, "tl", "--steps", "data,sft", *[a for s in STEPS_TL for a in ("--set", s)],
                                       env=dict(TIME="30", ANITA_SIGNAL_S="120"))
+    if "ddp" in want: c["ddp"] = submit(d, "ddp", "--steps", "data,sft,dpo",
+                                        *[a for s in STEPS_DDP for a in ("--set", s)], recipe=ddp_recipe(d))
     yield dict(dir=d, runs=d/"runs", t0=t0, **c)
     left = queued([i for ch in c.values() for i in ch.values()])
     if left: subprocess.run(["scancel", *left])
@@ -167,3 +189,20 @@ def test_tiny_chain_completes(chains):
     assert rep.count("| completed |") == 6 and "Failed" not in rep
     assert "anita_mc_en" in rep and "anita_arith" in rep                   # both shards' tables
     print(f"\ntiny chain on Slurm: {time.time()-chains['t0']:.0f}s")
+
+def test_two_process_step_and_chain_go_on(chains):
+    "A step with `procs: 2` runs as the multi-process job (torchrun, 2 ranks, gloo) and the chain goes on after it."
+    if "ddp" not in chains: pytest.skip("chain ddp not submitted (ANITA_SLURM_CHAINS)")
+    ids, rd = chains["ddp"], chains["runs"]/"ddp"
+    wait(ids.values(), chains["t0"], "chain ddp")
+    for n, i in ids.items():
+        for j in jobs(i): assert j["JobState"] == "COMPLETED", (n, j["JobState"], j.get("Reason"), f"logs: {rd/'logs'}")
+    log = next((rd/"logs").glob("slurm-anita-ddp-sft-*.out")).read_text()
+    assert "1 node(s) x 2 process(es)" in log, log[-3000:]
+    rep = json.loads((rd/"02_sft"/"report.json").read_text())
+    assert rep["world_size"] == 2 and len(rep["rank_tokens"]) == 2 and rep["optimizer_steps"] == 4
+    assert (rd/"logs"/"02_sft.rank1.ipynb").exists() and not (rd/"02_sft.rank1.ipynb").exists()
+    for d in ("01_data", "02_sft", "03_dpo"):
+        assert manifest(rd/d/"manifest.json")["status"] == "completed", d
+    assert json.loads((rd/"03_dpo"/"report.json").read_text())["world_size"] == 1    # DPO: one process (the recipe)
+    assert jobs(ids["report"])[0]["JobState"] == "COMPLETED"

@@ -1,0 +1,51 @@
+"""Several processes: rank 0 alone plans each step from the run folder and tells the other ranks (through torchrun's
+store); they follow its plan instead of reading a run folder rank 0 is writing. A two-process `--steps sft,dpo,ita`
+failed in CI when rank 1 planned DPO from a state rank 0 was still writing (its ranks then met in different groups)."""
+import itertools, json
+import pytest
+import anita.runner as R
+from anita.pipeline import run_recipe
+
+class DictStore:
+    "What the runner uses of a `torch.distributed.Store`: `set` a str, `get` bytes (a missing key is an error here)."
+    def __init__(self, **kv): self.d = {k: json.dumps(v).encode() for k, v in kv.items()}
+    def set(self, k, v): self.d[k] = v.encode()
+    def get(self, k): return self.d[k]
+
+@pytest.fixture
+def ranks(monkeypatch):
+    "`set(rank, store)`: this process becomes `rank` of 2, the launch's store is `store`, walks are numbered from 7."
+    def set_(rank, store):
+        monkeypatch.setenv("WORLD_SIZE", "2"); monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setattr(R, "launch_store", lambda: store)
+        monkeypatch.setattr(R, "_WALKS", itertools.count(7))
+    return set_
+
+def test_rank0_tells_its_plan(ranks, tmp_path):
+    "Rank 0 plans from the run folder and publishes, per step, its action, why and fingerprint."
+    store = DictStore(); ranks(0, store)
+    said = []
+    assert run_recipe("tiny", run="r", root=tmp_path, steps="data,sft", dry_run=True, log=said.append) == \
+        {"data": "would run", "sft": "would run"}
+    plans = {k: json.loads(v) for k, v in store.d.items()}
+    assert sorted(plans) == ["7/plan/data", "7/plan/sft"]
+    for action, why, fp in plans.values(): assert action not in ("skip", "error") and len(fp) >= 16
+
+def test_other_ranks_follow_rank0(ranks, tmp_path):
+    "Rank 1 skips what rank 0 says is done (here nothing is on disk: it did not look) and stops where rank 0 stopped."
+    store = DictStore(**{"7/plan/data": ["skip", None, "f" * 16],
+                         "7/plan/sft": ["error", "StepError: step 'sft' needs step 'data' completed first", None]})
+    ranks(1, store)
+    said = []
+    with pytest.raises(R.StepError, match="rank 0 stopped: StepError: step 'sft' needs"):
+        run_recipe("tiny", run="r", root=tmp_path, steps="data,sft", log=said.append)
+    assert any("data" in s and "done, skipped" in s for s in said), said
+    assert not (tmp_path/"r"/"01_data").exists() and not (tmp_path/"r"/"pipeline.json").exists()
+    assert "7/plan/sft" in store.d and len(store.d) == 2   # a follower tells nothing
+
+def test_several_processes_need_torchrun(monkeypatch, tmp_path):
+    "WORLD_SIZE > 1 without torchrun's agent store: a clear error before anything runs."
+    monkeypatch.setenv("WORLD_SIZE", "2"); monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    with pytest.raises(R.UsageError, match="torchrun --nproc_per_node"):
+        run_recipe("tiny", run="r", root=tmp_path, steps="data", log=lambda s: None)
+    assert not (tmp_path/"r").exists()
