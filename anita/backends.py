@@ -12,13 +12,13 @@ from .core import (OUTPUTS_READY, device_info, ensure_pad_token, read_json, reso
 from .trainconfig import TrainStepConfig
 
 # %% auto #0
-__all__ = ['CPU_MAX_PARAMS', 'PATCHED_BY_UNSLOTH', 'DDP_TIMEOUT_S', 'estimate_params', 'cuda_diagnosis', 'pick_backend',
-           'import_order_problems', 'prepare_backend', 'require_model_input', 'lora_config', 'local_device_map',
-           'world_size', 'pick_attn', 'load_for_training', 'init_distributed', 'on_rank0', 'all_ranks', 'TorchLogProbs',
-           'ensure_logprob_kernel']
+__all__ = ['CPU_MAX_PARAMS', 'PATCHED_BY_UNSLOTH', 'DDP_TIMEOUT_S', 'has_module', 'estimate_params', 'cuda_diagnosis',
+           'pick_backend', 'import_order_problems', 'prepare_backend', 'require_model_input', 'lora_config',
+           'local_device_map', 'world_size', 'pick_attn', 'load_for_training', 'init_distributed', 'on_rank0',
+           'all_ranks', 'TorchLogProbs', 'ensure_logprob_kernel']
 
 # %% ../nbs/02c_backends.ipynb #8beb8558
-def _has(mod): return importlib_util.find_spec(mod) is not None
+def has_module(mod): return importlib_util.find_spec(mod) is not None
 
 CPU_MAX_PARAMS = 2_000_000_000  # `auto` trains larger models on a GPU only
 
@@ -80,18 +80,18 @@ def pick_backend(backend:str="auto", # auto | unsloth | hf | cpu
                            "unsloth's multi-GPU support is not what anita's checkpoints, merge and tests use: "
                            "set backend=hf, or run one process")
     if backend == "auto":
-        choice = "unsloth" if cuda and _has("unsloth") and n_proc == 1 else "hf" if cuda else "cpu"
+        choice = "unsloth" if cuda and has_module("unsloth") and n_proc == 1 else "hf" if cuda else "cpu"
         n = estimate_params(model) if choice == "cpu" and model is not None else 0
         if n is None or n > CPU_MAX_PARAMS:
             size = "of unknown size (no config.json found locally)" if n is None else f"with ~{n/1e9:.1f}B parameters"
             raise RuntimeError(f"backend='auto' found no usable CUDA GPU, and model={model!r} is {size}: refusing to train "
                                f"it on the CPU. {cuda_diagnosis()}")
-        print(f"backend=auto -> {choice} (cuda={cuda}, unsloth={'installed' if _has('unsloth') else 'absent'}"
+        print(f"backend=auto -> {choice} (cuda={cuda}, unsloth={'installed' if has_module('unsloth') else 'absent'}"
               + (f", {n_proc} processes: DDP with hf or cpu)" if n_proc > 1 else ")"))
         return choice
     if backend in ("unsloth", "hf") and not cuda:
         raise RuntimeError(f"backend={backend!r} needs a CUDA GPU and none is usable. {cuda_diagnosis()}")
-    if backend == "unsloth" and not _has("unsloth"):
+    if backend == "unsloth" and not has_module("unsloth"):
         raise ModuleNotFoundError("backend='unsloth' needs the `gpu` extra (pip install 'anita[gpu]')")
     return backend
 
@@ -158,7 +158,7 @@ def pick_attn(backend:str, requested:str="auto") -> str|None:
     "Attention implementation for `backend`: FlashAttention-2 for packed rows on a GPU when installed, else SDPA; unsloth's own."
     if requested != "auto": return requested
     if backend == "unsloth": return None
-    if backend == "hf": return "flash_attention_2" if _has("flash_attn") else "sdpa"
+    if backend == "hf": return "flash_attention_2" if has_module("flash_attn") else "sdpa"
     return "sdpa"
 
 # %% ../nbs/02c_backends.ipynb #24b04bd6

@@ -10,11 +10,11 @@ from .trainconfig import TrainStepConfig
 from .backends import world_size
 
 # %% auto #0
-__all__ = ['tokenize_lm', 'token_checks', 'batch_stats', 'cpu_bf16', 'packed_micro_batch', 'packing_throughput', 'batch_plan',
-           'plan_text', 'packed_lengths', 'sft_plan']
+__all__ = ['adds_bos', 'tokenize_lm', 'token_checks', 'batch_stats', 'cpu_bf16', 'uses_bf16', 'packed_micro_batch',
+           'packing_throughput', 'batch_plan', 'plan_text', 'packed_lengths', 'sft_plan']
 
 # %% ../nbs/02d_batching.ipynb #3b88ca5e
-def _adds_bos(tok) -> bool:
+def adds_bos(tok) -> bool:
     return tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
 
 def _fix_ends(ids, tok, lead=True, tail=True):
@@ -22,7 +22,7 @@ def _fix_ends(ids, tok, lead=True, tail=True):
     if lead and bos is not None:
         n = 0
         while n < len(ids) and ids[n] == bos: n += 1
-        if n > 1 or (n == 0 and _adds_bos(tok)): ids = [bos] + ids[n:]
+        if n > 1 or (n == 0 and adds_bos(tok)): ids = [bos] + ids[n:]
     if tail:
         while ids and ids[-1] == eot: ids = ids[:-1]
         ids = ids + [eot]
@@ -96,7 +96,7 @@ def cpu_bf16() -> bool:
     c = getattr(torch, "cpu", None)
     return bool(c and ((getattr(c, "_is_avx512_bf16_supported", lambda: False)()) or getattr(c, "_is_amx_tile_supported", lambda: False)()))
 
-def _uses_bf16(backend:str, bf16=None) -> bool:
+def uses_bf16(backend:str, bf16=None) -> bool:
     "bf16 mixed precision for `backend`: on a GPU where supported, fp32 on the CPU; `bf16=True`/`False` forces it."
     if bf16 is not None: return bool(bf16)
     return device_info()["bf16"] if backend in ("unsloth", "hf") else False

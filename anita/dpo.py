@@ -6,8 +6,10 @@
 from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from .sft import (TrainStepConfig, Stage, param, fit, notebook_config, step_config, make_trainer, drop_ref_adapter,
-                       _adds_bos, load_step_data, loss_table, batch_plan, plan_text, world_size, prepare_backend)
+from .trainconfig import TrainStepConfig, param, notebook_config, step_config
+from .sft import Stage, fit, make_trainer, drop_ref_adapter, load_step_data, loss_table
+from .batching import adds_bos, batch_plan, plan_text
+from .backends import world_size, prepare_backend
 from .core import run_dir, step_manifest, read_json
 
 # %% auto #0
@@ -40,7 +42,7 @@ def check_pairs(ds, tok):
     for i, r in enumerate(ds):
         for f in need:
             if not isinstance(r[f], str) or not r[f].strip(): raise ValueError(f"row {i}: `{f}` is empty or not a string")
-    if _adds_bos(tok) and tok.bos_token:
+    if adds_bos(tok) and tok.bos_token:
         b = tok.bos_token
         ds = ds.map(lambda r: {"prompt": r["prompt"][len(b):] if r["prompt"].startswith(b) else r["prompt"]})
     return ds

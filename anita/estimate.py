@@ -11,8 +11,8 @@ from .recipe import RecipeError, step_dirs
 from .batching import batch_plan
 
 # %% auto #0
-__all__ = ['KINDS', 'BACKENDS', 'DEFAULT_DATA', 'EstimateError', 'data_stats', 'step_cfg', 'step_plan', 'read_throughput',
-           'step_seconds', 'estimate', 'estimate_text', 'run_estimate']
+__all__ = ['KINDS', 'BACKENDS', 'DEFAULT_DATA', 'EstimateError', 'step_of', 'data_stats', 'step_cfg', 'step_plan',
+           'read_throughput', 'step_seconds', 'estimate', 'estimate_text', 'run_estimate']
 
 # %% ../nbs/11e_estimate.ipynb #70d84f0e
 class EstimateError(RecipeError):
@@ -39,14 +39,14 @@ def _key(d:dict, key:str, path):
         v = v[k]
     return v
 
-def _step_of(rec:dict, kind:str) -> str|None:
+def step_of(rec:dict, kind:str) -> str|None:
     "The name of the recipe step whose notebook is `kind`'s (`data`, `sft`, ...), or None."
     nb = {v: k for k, v in KINDS.items()}.get(kind, "01_data.ipynb")
     return next((n for n, s in rec["steps"].items() if Path(s["notebook"]).name == nb), None)
 
 def data_stats(rec:dict, run:str, root="runs") -> dict:
     "`{sft|dpo|ita: dict(rows, mean_tokens, p90_tokens, source)}` from the run's data report, else `DEFAULT_DATA`."
-    data = _step_of(rec, "data")
+    data = step_of(rec, "data")
     p = Path(root)/run/step_dirs(rec)[data]/"report.json" if data else None
     if p is None or not p.exists():
         n_ita = (rec["steps"][data]["params"].get("n_ita") if data else None) or 100_000

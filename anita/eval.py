@@ -8,10 +8,11 @@ import csv, json, re, time
 from pathlib import Path
 from .core import (ANITA_SYSTEM_PROMPT, atomic_write, write_json, read_json, run_dir, step_manifest,
                         seed_everything, ensure_pad_token)
-from .eval_harness import *
-from .eval_harness import _has_vllm
-from .eval_paper import *
-from .eval_heldout import *
+from .eval_harness import (effective_batch_size, evaltasks_dir, extract_metrics, free_lm, include_paths, make_lm,
+                                model_args, parse_models, resolve_suite, run_lm_eval, task_manager)
+from .eval_harness import has_vllm
+from .eval_paper import bar_chart, comparison_table, steps_from_base, to_markdown
+from .eval_heldout import heldout_model_figures, heldout_table, load_heldout, step_effects
 
 # %% auto #0
 __all__ = ['SAMPLE_PROMPTS', 'IT_NOUNS', 'IT_ADJS', 'EN_NOUNS', 'EN_VERBS', 'generate_samples', 'number_word', 'minimal_pairs',
@@ -139,7 +140,7 @@ def _check_options(backend:str, gpu_memory_utilization:float):
 
 def _route(backend:str, specs:list, heldout:bool=False) -> list:
     "`[(backend, specs)]` for one model: with `auto` and vLLM installed, generation tasks on vLLM, the rest on `hf`."
-    if backend == "auto" and _has_vllm():
+    if backend == "auto" and has_vllm():
         route = [("hf", [s for s in specs if not s.get("generate")]), ("vllm", [s for s in specs if s.get("generate")])]
     else: route = [("hf" if backend == "auto" else backend, specs)]
     route = [(b, sp) for b, sp in route if sp]

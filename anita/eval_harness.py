@@ -11,7 +11,8 @@ from .core import device_info, resolve_model, read_json
 
 # %% auto #0
 __all__ = ['SUITES', 'EVALTASKS_DIR', 'CPU_BATCH_SIZE', 'evaltasks_dir', 'include_paths', 'task_manager', 'resolve_suite',
-           'parse_models', 'model_args', 'effective_batch_size', 'make_lm', 'free_lm', 'run_lm_eval', 'extract_metrics']
+           'parse_models', 'model_args', 'has_vllm', 'effective_batch_size', 'make_lm', 'free_lm', 'run_lm_eval',
+           'extract_metrics']
 
 # %% ../nbs/05a_eval_harness.ipynb #fe653313
 def _spec(task, metrics, num_fewshot=None, generate=False): return dict(task=task, metrics=list(metrics),
@@ -141,7 +142,7 @@ def model_args(ref) -> dict:
     return dict(pretrained=resolve_model(base), peft=str(p))
 
 # %% ../nbs/05a_eval_harness.ipynb #e33c60a3
-def _has_vllm() -> bool: return importlib_util.find_spec("vllm") is not None
+def has_vllm() -> bool: return importlib_util.find_spec("vllm") is not None
 
 CPU_BATCH_SIZE = 16
 
@@ -161,7 +162,7 @@ def make_lm(ref, backend:str="hf", batch_size="auto", max_batch_size:int=64, dev
     args = model_args(ref)
     if max_length: kw["max_length"] = max_length
     if backend == "vllm":
-        if not _has_vllm():
+        if not has_vllm():
             raise ImportError("backend='vllm' needs the `vllm` package (GPU only): pip install vllm, or use backend='hf'")
         if "peft" in args:
             raise ValueError(f"{ref}: vLLM evaluates merged models; pass the merged folder, not the adapter")

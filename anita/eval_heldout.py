@@ -31,9 +31,9 @@ def load_heldout(path) -> dict:
 # %% ../nbs/05c_eval_heldout.ipynb #a0251471
 def row_nll(model, tok, ds, max_length:int=1024, batch_size:int=8) -> list:
     """Per row `(summed negative log-likelihood, tokens)` of the trained tokens of `ds`, tokenized as the training steps do
-    (`anita.sft.tokenize_lm`: `prompt`+`completion` rows score the completion only, `text` rows every token)."""
+    (`anita.batching.tokenize_lm`: `prompt`+`completion` rows score the completion only, `text` rows every token)."""
     import torch
-    from anita.sft import tokenize_lm
+    from anita.batching import tokenize_lm
     tds, _ = tokenize_lm(ds, tok, max_length)
     rows = list(zip(tds["input_ids"], tds["labels"]))
     dev, pad, out = next(model.parameters()).device, tok.pad_token_id if tok.pad_token_id is not None else 0, []

@@ -8,8 +8,8 @@ import contextlib, json, os, re, shutil, subprocess, sys, tempfile, time, warnin
 from functools import partial
 from pathlib import Path
 from .core import resolve_model, run_dir, step_manifest, write_json, atomic_write, device_info, seed_everything
-from .gguf_check import *
-from .gguf_check import _is_byte_level, _stop_ids
+from .gguf_check import check_gguf, CHECK_PROMPTS, greedy_hf, llama_cpp_available, prompt_ids, prompt_texts
+from .gguf_check import is_byte_level, stop_ids
 
 # %% auto #0
 __all__ = ['CONVERTER_SPEC', 'CONVERTER_TYPES', 'QUANT_TYPES', 'converter_dir', 'install_converter', 'find_converter',
@@ -95,7 +95,7 @@ def conversion_source(src, stage_dir) -> tuple:
     if not tj.exists(): return src, []
     t = json.loads(tj.read_text(encoding="utf-8"))
     m = t.get("model") or {}
-    if not (m.get("type") == "BPE" and m.get("byte_fallback") and _is_byte_level(t.get("pre_tokenizer"))): return src, []
+    if not (m.get("type") == "BPE" and m.get("byte_fallback") and is_byte_level(t.get("pre_tokenizer"))): return src, []
     m["byte_fallback"] = False
     t["decoder"] = dict(type="ByteLevel", add_prefix_space=True, trim_offsets=True, use_regex=True)
     stage = Path(stage_dir); stage.mkdir(parents=True, exist_ok=True)
@@ -239,7 +239,7 @@ def _check_files(src, fname, made, tok, eot, seconds:dict, prompts=CHECK_PROMPTS
     dev = device_info()
     ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32 if dev["device"] == "cpu" else torch.bfloat16).to(dev["device"]).eval()
     texts = prompt_texts(tok, prompts)
-    greedy_ref = greedy_hf(ref, prompt_ids(tok, texts), _stop_ids(tok, eot), max_new_tokens)
+    greedy_ref = greedy_hf(ref, prompt_ids(tok, texts), stop_ids(tok, eot), max_new_tokens)
     files = {}
     for t in made:
         log(f"checking {fname(t).name}")

@@ -12,9 +12,9 @@ from .core import device_info
 
 # %% auto #0
 __all__ = ['SPECIAL_IDS', 'CHECK_PROMPTS', 'TOLERANCE', 'TOP1_MIN', 'GREEDY_MIN', 'gguf_reader', 'gguf_metadata', 'load_gguf',
-           'gguf_tokenizer', 'source_tokenizer', 'compare_tokenizers', 'prompt_texts', 'prompt_ids', 'compare_logits',
-           'greedy_hf', 'llama_cpp_available', 'greedy_llama_cpp', 'llama_cpp_ids', 'check_tokenizer', 'check_logits',
-           'check_llama_cpp', 'check_gguf']
+           'gguf_tokenizer', 'is_byte_level', 'source_tokenizer', 'compare_tokenizers', 'prompt_texts', 'prompt_ids',
+           'compare_logits', 'stop_ids', 'greedy_hf', 'llama_cpp_available', 'greedy_llama_cpp', 'llama_cpp_ids',
+           'check_tokenizer', 'check_logits', 'check_llama_cpp', 'check_gguf']
 
 # %% ../nbs/13a_gguf_check.ipynb #62dc738e
 def gguf_reader(path):
@@ -71,10 +71,10 @@ def gguf_tokenizer(path) -> dict:
     return {k: val(f) for k, f in _FIELDS.items()} | dict(pre=val("tokenizer.ggml.pre"))
 
 # %% ../nbs/13a_gguf_check.ipynb #7cc1c0ed
-def _is_byte_level(pre) -> bool:
+def is_byte_level(pre) -> bool:
     "Whether a `tokenizer.json` pre-tokenizer is (or contains) the byte-level one."
     if not isinstance(pre, dict): return False
-    return pre.get("type") == "ByteLevel" or any(_is_byte_level(x) for x in pre.get("pretokenizers") or [])
+    return pre.get("type") == "ByteLevel" or any(is_byte_level(x) for x in pre.get("pretokenizers") or [])
 
 def source_tokenizer(src,              # the merged model folder (its `tokenizer.json`)
                      tok,              # its tokenizer
@@ -91,7 +91,7 @@ def source_tokenizer(src,              # the merged model folder (its `tokenizer
         vocab[a["id"]], c = a["content"], a["content"]
         kind[a["id"]] = _CONTROL if a.get("special") or (c.startswith("<|") and c.endswith("|>")) else _USER_DEFINED
     n = max(n_vocab or 0, max(vocab, default=-1) + 1)
-    bl = m.get("type") == "BPE" and _is_byte_level(t.get("pre_tokenizer"))   # llama.cpp's `gpt2` vocabulary
+    bl = m.get("type") == "BPE" and is_byte_level(t.get("pre_tokenizer"))   # llama.cpp's `gpt2` vocabulary
     merges = [" ".join(x) if isinstance(x, (list, tuple)) else x for x in m.get("merges") or []]
     bos = tok.bos_token_id
     return dict(model="gpt2" if bl else None, tokens=[vocab.get(i, f"[PAD{i}]") for i in range(n)],
@@ -153,7 +153,7 @@ def compare_logits(ref, model, ids) -> dict:
     return dict(max_abs_diff=round(mx, 5), mean_abs_diff=round(mean/n, 6), rel_diff=round(mx/scale, 5), top1_agree=round(agree/n, 4))
 
 # %% ../nbs/13a_gguf_check.ipynb #62922784
-def _stop_ids(tok, eot=None) -> set:
+def stop_ids(tok, eot=None) -> set:
     return {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(eot) if eot else None) if isinstance(i, int) and i >= 0}
 
 def greedy_hf(model, ids, stop:set, max_new_tokens:int=16) -> list:
@@ -271,7 +271,7 @@ def check_gguf(path, qtype, ref, tok, texts, eot, greedy_ref=None, max_new_token
     if r["transformers_same_tokens"] < 1 and not fails: notes.append(_rebuild_note(tok, ids, gids))
     figs, lfails = check_logits(ref, model, ids, qtype)
     r.update(figs); fails += lfails
-    stop = _stop_ids(tok, eot)
+    stop = stop_ids(tok, eot)
     hf = greedy_hf(model, ids, stop, max_new_tokens)
     if greedy_ref is not None: r["same_greedy_as_merged"] = _agree(hf, greedy_ref)
     if llama_cpp and llama_cpp_available():

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse, importlib, json, os, shutil, subprocess, sys, time
 from pathlib import Path
 from .core import write_json, package_versions
-from .gpurunner import *
-from .gpurunner import _child
-from .gpuwheels import *
+from .gpurunner import run_parts, SELFTEST_PARTS, Skip
+from .gpurunner import run_child
+from .gpuwheels import gpu_wheels, parse_freeze, TYPICAL_NODE
 
 # %% auto #0
 __all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_NO_CUDA', 'PINNED_TORCH', 'LLAMA3_8B', 'GPU_TRAIN', 'FULL_DEPTH_FIELDS', 'PARTS',
@@ -267,7 +267,7 @@ def _dpo_model(workdir):
 def _train_and_merge(workdir:str, kind:str, backend:str, steps:int):
     "A few steps of the DPO (`kind='dpo'`) or Italian (`'ita'`) step with the recipe's code, merged, the merge checked with plain PEFT."
     _need("trl", "install the gpu extra or carry trl's wheel")
-    from anita.sft import prepare_backend
+    from anita.backends import prepare_backend
     backend = prepare_backend(backend)   # unsloth, if chosen, is imported before transformers
     from transformers import AutoTokenizer
     import anita.data as data
@@ -326,12 +326,12 @@ FULL_DEPTH_FIELDS = ("load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "us
 def full_depth_settings(recipe:str="paper", sets=()) -> dict:
     "`{sft|dpo|ita: settings}`: the fields of each training step's config that set its cost, from `recipe` + `sets`."
     from anita.recipe import load_recipe, apply_sets
-    from anita.estimate import step_cfg, _step_of
+    from anita.estimate import step_cfg, step_of
     from dataclasses import asdict
     rec = apply_sets(load_recipe(recipe), list(sets), check_notebooks=False)
     out = {}
     for kind in ("sft", "dpo", "ita"):
-        name = _step_of(rec, kind)
+        name = step_of(rec, kind)
         if name is None: raise ValueError(f"recipe {recipe}: no step runs the {kind} notebook")
         cfg = asdict(step_cfg(kind, rec["steps"][name]["params"]))
         out[kind] = {k: cfg[k] for k in FULL_DEPTH_FIELDS if k in cfg}
@@ -494,7 +494,7 @@ def main(argv=None) -> int:
     "Command line of the GPU check (see `python -m anita.gpucheck --help`)."
     a = _parser().parse_args(argv)
     if a.child:
-        _child(a.child, json.loads(a.kwargs or "{}"), a.result)
+        run_child(a.child, json.loads(a.kwargs or "{}"), a.result)
         return EXIT_OK
     if a.wheels:
         present = parse_freeze(Path(a.node_packages).read_text()) if a.node_packages else TYPICAL_NODE

@@ -9,14 +9,14 @@ from pathlib import Path
 from .core import write_json
 
 # %% auto #0
-__all__ = ['SELFTEST_PARTS', 'Skip', 'run_part', 'part_line', 'run_parts', 'selftest_part']
+__all__ = ['SELFTEST_PARTS', 'Skip', 'run_child', 'run_part', 'part_line', 'run_parts', 'selftest_part']
 
 # %% ../nbs/15a_gpurunner.ipynb #f21a2759
 class Skip(Exception):
     "Raise in a part that does not apply on this node (the message says why)."
 
 # %% ../nbs/15a_gpurunner.ipynb #016563f9
-def _child(target:str, kwargs:dict, out:str):
+def run_child(target:str, kwargs:dict, out:str):
     "Child side of `run_part`: call `target` and write `{status, figures|error}` to `out`."
     mod, fn = target.split(":")
     t0 = time.time()

@@ -5,8 +5,9 @@
 # %% ../nbs/04_ita.ipynb #40253a75
 from __future__ import annotations
 from dataclasses import asdict, dataclass
-from .sft import (SFTStepConfig, Stage, param, fit, notebook_config, sft_data, load_step_data, loss_table,
-                       prepare_backend)
+from .trainconfig import SFTStepConfig, param, notebook_config
+from .sft import Stage, fit, sft_data, load_step_data, loss_table
+from .backends import prepare_backend
 from .core import run_dir, step_manifest, read_json
 
 # %% auto #0

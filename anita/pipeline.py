@@ -6,11 +6,11 @@
 from __future__ import annotations
 import argparse, signal, sys, time
 from pathlib import Path
-from .recipe import *
-from .runstate import *
-from .runner import *
-from .runner import _FLAG   # the pattern of the nbdev flags a pipeline run leaves out
-from .report import *
+from .recipe import apply_sets, check_name, list_steps, load_recipe, RecipeError, select_steps, UsageError
+from .runstate import gather_shards
+from .runner import run_recipe, StepError
+from .runner import FLAGGED_CELL   # the pattern of the nbdev flags a pipeline run leaves out
+from .report import write_report
 
 # %% auto #0
 __all__ = ['submit_slurm', 'report_only', 'main']

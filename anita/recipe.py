@@ -9,9 +9,10 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'RUN_FILES', 'PARAM_RULES', 'PARAM_PATTERNS', 'PARAM_CHOICES', 'RecipeError', 'UsageError',
-           'check_name', 'recipes_dir', 'find_recipe', 'default_nbs_dir', 'local_path', 'check_step_refs',
-           'load_recipe', 'step_dirs', 'fill_steps', 'fill', 'notebook_params', 'check_param', 'param_rule',
-           'check_range', 'parse_set', 'apply_sets', 'select_steps', 'check_recipe_params', 'list_steps']
+           'check_name', 'recipes_dir', 'find_recipe', 'default_nbs_dir', 'local_path', 'all_strings',
+           'check_step_refs', 'load_recipe', 'step_dirs', 'fill_steps', 'fill', 'params_cell', 'notebook_params',
+           'check_param', 'param_rule', 'check_range', 'parse_set', 'apply_sets', 'select_steps', 'check_recipe_params',
+           'list_steps']
 
 # %% ../nbs/11a_recipe.ipynb #095a8595
 RECIPE_KEYS = ("name", "description", "nbs_dir", "slurm", "steps")
@@ -78,15 +79,15 @@ def _known(bad, known, what, where):
 
 _STEP_REF = re.compile(r"\{steps\.([^{}]*)\}")
 
-def _strings(v) -> list:
+def all_strings(v) -> list:
     "Every string in `v`, recursively through lists, tuples and dict values."
     if isinstance(v, str): return [v]
-    if isinstance(v, (list, tuple, dict)): return [s for x in (v.values() if isinstance(v, dict) else v) for s in _strings(x)]
+    if isinstance(v, (list, tuple, dict)): return [s for x in (v.values() if isinstance(v, dict) else v) for s in all_strings(x)]
     return []
 
 def check_step_refs(params, names, where:str):
     "A `RecipeError` naming `where` when a `{steps.NAME}` in `params` names no step in `names`."
-    for s in _strings(params):
+    for s in all_strings(params):
         for ref in _STEP_REF.findall(s):
             if ref not in names: raise RecipeError(f"{where}: {{steps.{ref}}} names no step (steps: {', '.join(names)})")
 
@@ -176,7 +177,7 @@ def fill(v, root, run, dirs:dict=None):
 # %% ../nbs/11a_recipe.ipynb #6e0b81dd
 _TYPES = dict(int=int, float=float, str=str, bool=bool, list=list, dict=dict, tuple=tuple)
 
-def _params_cell(nb_path) -> str|None:
+def params_cell(nb_path) -> str|None:
     try: nb = json.loads(Path(nb_path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RecipeError(f"{nb_path}: not a Jupyter notebook ({e})") from None
@@ -208,7 +209,7 @@ def notebook_params(nb_path:str|Path) -> dict:
     "The notebook's papermill parameters: `name -> type` of its default (None when any type is fine)."
     nb_path = Path(nb_path)
     if not nb_path.is_file(): raise FileNotFoundError(f"{nb_path}: notebook not found")
-    src = _params_cell(nb_path)
+    src = params_cell(nb_path)
     if src is None: raise RecipeError(f"{nb_path}: no cell tagged `parameters` (papermill needs one to inject parameters)")
     try: tree = ast.parse(src)
     except SyntaxError as e: raise RecipeError(f"{nb_path}: the parameters cell is not valid Python ({e})") from None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import html, json, re
 from pathlib import Path
 from .core import atomic_write
-from .runstate import _load, _now, _fmt_s, _readable
+from .runstate import load_json_or_none, utc_now, fmt_seconds, make_readable
 
 # %% auto #0
 __all__ = ['step_figures', 'demote', 'nest', 'evaluation_lines', 'loss_lines', 'generation_lines', 'export_lines', 'steps_table',
@@ -69,7 +69,7 @@ def _generations(g, n=2):
 # %% ../nbs/11d_report.ipynb #92102279
 def _loss_line(sd) -> str|None:
     "First and last logged loss of a step's `train_log.json`, and whether it went down."
-    pts = _loss_points(_load(sd/"train_log.json"))
+    pts = _loss_points(load_json_or_none(sd/"train_log.json"))
     if not pts: return None
     return (f"{pts[0][1]:.4g} → {pts[-1][1]:.4g} over {len(pts)} logs "
             f"({'down' if pts[-1][1] < pts[0][1] else 'NOT down'})")
@@ -83,7 +83,7 @@ def _packing_figure(rep) -> str|None:
 
 def step_figures(sd:Path) -> list:
     "`(figure, value)` rows of a step: its loss, tokens/s, `packing: auto`'s measurement and the key fields of its `report.json`."
-    rep, tl = _load(sd/"report.json"), _load(sd/"train_log.json")
+    rep, tl = load_json_or_none(sd/"report.json"), load_json_or_none(sd/"train_log.json")
     tps = _tokens_per_s(tl) or next((v for k, v in _scalars(rep if isinstance(rep, dict) else {}) if "tokens_per_s" in k), None)
     figs = [("loss (first → last logged)", _loss_line(sd))] if _loss_line(sd) else []
     if tps: figs.append(("tokens/s (mean)", f"{tps:.1f}"))
@@ -168,9 +168,9 @@ def generation_lines(rd:Path, steps:dict, n:int=2) -> list:
     L = []
     for name, st in steps.items():
         sd = rd/st["dir"]
-        rep = _load(sd/"report.json")
+        rep = load_json_or_none(sd/"report.json")
         in_report = rep.get("generations") if isinstance(rep, dict) else None
-        gens = _generations(_load(sd/"generations.json") or in_report, n)
+        gens = _generations(load_json_or_none(sd/"generations.json") or in_report, n)
         if gens: L += [f"### {name}", ""]
         for p, a in gens: L += [f"> **prompt:** {_short(p, 200)}", ">", f"> **answer:** {_short(a, 400)}", ""]
     return ["## Generation samples", "", *L] if L else []
@@ -183,20 +183,20 @@ def export_lines(rd:Path, steps:dict) -> list:
 # %% ../nbs/11d_report.ipynb #259b295f
 def _elapsed(m:dict):
     el = m.get("pipeline", {}).get("elapsed_s", m.get("elapsed_s"))
-    return _fmt_s(el) if isinstance(el, (int, float)) else ""
+    return fmt_seconds(el) if isinstance(el, (int, float)) else ""
 
 def steps_table(rd:Path, steps:dict) -> list:
     "One row per step: name, executed notebook (a link once it ran), status and time."
     L = ["## Steps", "", "| step | notebook | status | time |", "|---|---|---|---|"]
     for n, st in steps.items():
-        m, ex = _load(rd/st["dir"]/"manifest.json") or {}, rd/f"{st['dir']}.ipynb"
+        m, ex = load_json_or_none(rd/st["dir"]/"manifest.json") or {}, rd/f"{st['dir']}.ipynb"
         L.append(f"| {n} | " + (f"[{ex.name}]({ex.name})" if ex.exists() else st["notebook"]) +
                  f" | {m.get('status', 'not run')} | {_elapsed(m)} |")
     return L + [""]
 
 def failed_lines(rd:Path, steps:dict) -> list:
     "A line naming the failed steps, or nothing."
-    failed = [n for n, st in steps.items() if (_load(rd/st["dir"]/"manifest.json") or {}).get("status") == "failed"]
+    failed = [n for n, st in steps.items() if (load_json_or_none(rd/st["dir"]/"manifest.json") or {}).get("status") == "failed"]
     if not failed: return []
     return [f"**Failed:** step {', '.join(f'`{n}`' for n in failed)} (its error is in the appendix); the steps after it did not run.", ""]
 
@@ -204,7 +204,7 @@ def failed_lines(rd:Path, steps:dict) -> list:
 def step_section(rd:Path, name:str, step:dict) -> list:
     "The appendix lines for one step: status, links, error, figures, other plots and tables."
     sd = rd/step["dir"]
-    m = _load(sd/"manifest.json") or {}
+    m = load_json_or_none(sd/"manifest.json") or {}
     status = f"**status:** {m.get('status', 'not run')}" + (f" · **time:** {_elapsed(m)}" if _elapsed(m) else "")
     L = [f"### {name} ({step['dir']})", "", status, ""]
     cands = (("executed notebook", rd/f"{step['dir']}.ipynb"), ("manifest", sd/"manifest.json"),
@@ -222,7 +222,7 @@ def step_section(rd:Path, name:str, step:dict) -> list:
 
 def versions_lines(rd:Path, steps:dict) -> list:
     "Package versions, anita commit and device of the run (from the last step manifest that has them)."
-    ms = [m for st in steps.values() if (m := _load(rd/st["dir"]/"manifest.json")) and m.get("versions")]
+    ms = [m for st in steps.values() if (m := load_json_or_none(rd/st["dir"]/"manifest.json")) and m.get("versions")]
     if not ms: return []
     m = ms[-1]
     device = [(f"device.{k}", v) for k, v in (m.get("device") or {}).items() if isinstance(v, (str, int, float, bool))]
@@ -262,7 +262,7 @@ def report_parts(rd:str|Path, recipe:dict) -> tuple:
     heldout = heldout[:2]   # the first step that has one
     desc = f" {recipe['description']}" if recipe.get("description") else ""
     main = [f"# anita run `{rd.name}` (recipe `{recipe['name']}`)", "",
-            f"Generated {_now()} from `{recipe['path']}`." + desc, "",
+            f"Generated {utc_now()} from `{recipe['path']}`." + desc, "",
             *failed_lines(rd, steps), *heldout, *evaluation_lines(rd, steps), *loss_lines(rd, steps),
             *generation_lines(rd, steps), *export_lines(rd, steps), *steps_table(rd, steps)]
     sections = [l for n, st in steps.items() for l in step_section(rd, n, st)]
@@ -276,5 +276,5 @@ def write_report(rd:str|Path, recipe:dict) -> Path:
     with atomic_write(rd/"report.md") as f: f.write(f"{main}\n---\n\n# {_APPENDIX}\n\n{app}\n")
     page = html_page(f"anita run {rd.name}", md_to_html(main), md_to_html(app), _APPENDIX)
     with atomic_write(rd/"report.html") as f: f.write(page)
-    _readable(rd/"report.html")
-    return _readable(rd/"report.md")
+    make_readable(rd/"report.html")
+    return make_readable(rd/"report.md")

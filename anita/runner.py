@@ -10,18 +10,18 @@ from pathlib import Path
 from .core import atomic_write, process_rank, write_json
 from .recipe import (RecipeError, UsageError, check_name, load_recipe, notebook_params, apply_sets, select_steps,
                           check_recipe_params, fill, fill_steps, step_dirs)
-from .runstate import (_load, _now, _fmt_s, _readable, _update_manifest, _update_state, step_status, manifest_token,
-                            finish_step, input_paths, input_fingerprint, step_fingerprint, step_paths, _stage, _restore,
-                            _swap_in, _check_folders, run_lock, gather_shards)
+from .runstate import (load_json_or_none, utc_now, fmt_seconds, make_readable, update_manifest, update_state, step_status, manifest_token,
+                            finish_step, input_paths, input_fingerprint, step_fingerprint, step_paths, stage_dir, restore_swap,
+                            swap_in, check_folders, run_lock, gather_shards)
 
 # %% auto #0
-__all__ = ['StepError', 'strip_flagged', 'step_params', 'run_step', 'plan_step', 'launch_store', 'run_recipe']
+__all__ = ['FLAGGED_CELL', 'StepError', 'strip_flagged', 'step_params', 'run_step', 'plan_step', 'launch_store', 'run_recipe']
 
 # %% ../nbs/11c_runner.ipynb #2a90e35d
 class StepError(RuntimeError):
     "A step's notebook failed; the message names the executed notebook and the log."
 
-_FLAG = re.compile(r"^\s*#\s*\|\s*(cuda|slow|eval\s*:\s*false)\s*$", re.M | re.I)
+FLAGGED_CELL = re.compile(r"^\s*#\s*\|\s*(cuda|slow|eval\s*:\s*false)\s*$", re.M | re.I)
 
 def strip_flagged(nb_path, out_path, keep=()) -> int:
     """Copy a notebook without the cells nbdev_test skips (`#| cuda`, `#| slow`, `#| eval: false`) unless their flag is in
@@ -30,7 +30,7 @@ def strip_flagged(nb_path, out_path, keep=()) -> int:
     cells, dropped = [], 0
     for c in nb.get("cells", []):
         src = "".join(c["source"]) if isinstance(c.get("source"), list) else c.get("source", "")
-        flags = {re.sub(r"\s+", "", f.lower()) for f in _FLAG.findall(src)} if c.get("cell_type") == "code" else set()
+        flags = {re.sub(r"\s+", "", f.lower()) for f in FLAGGED_CELL.findall(src)} if c.get("cell_type") == "code" else set()
         if flags - set(keep): dropped += 1; continue
         cells.append(c)
     nb["cells"] = cells
@@ -52,10 +52,10 @@ def step_params(step:dict, run:str, root:Path, shard:int=None, stage=None, dirs:
 def _mark_failed(rd, sd, tag, info, t0, err):
     "Record a failed step in its manifest (keeping the notebook's own error) and in `pipeline.json`."
     el = round(time.time()-t0, 1)
-    kw = dict(pipeline=dict(info, elapsed_s=el, finished_at=_now()))
-    if (_load(sd/"manifest.json") or {}).get("status") != "failed": kw.update(status="failed", error=err)
-    _update_manifest(sd, **kw)
-    _update_state(rd, tag, status="failed", error=err, elapsed_s=el)
+    kw = dict(pipeline=dict(info, elapsed_s=el, finished_at=utc_now()))
+    if (load_json_or_none(sd/"manifest.json") or {}).get("status") != "failed": kw.update(status="failed", error=err)
+    update_manifest(sd, **kw)
+    update_state(rd, tag, status="failed", error=err, elapsed_s=el)
 
 def _execute(nb, out_nb, logf, params, step, fail, kernel="python3", progress=True, cwd=None, keep_flags=()):
     "Run `nb` (flagged cells left out) with papermill into `out_nb`, cells' output to `logf`; on failure `fail(error)`, then raise."
@@ -66,7 +66,7 @@ def _execute(nb, out_nb, logf, params, step, fail, kernel="python3", progress=Tr
     where = f"\n  executed notebook: {out_nb}\n  log: {logf}"
     try:
         with open(logf, "a", encoding="utf-8") as lf:
-            lf.write(f"# {_now()} {step['name']}: papermill {nb} -> {out_nb} ({dropped} cells flagged "
+            lf.write(f"# {utc_now()} {step['name']}: papermill {nb} -> {out_nb} ({dropped} cells flagged "
                      f"cuda/slow/eval:false left out; kept flags: {','.join(keep_flags) or 'none'})\n"); lf.flush()
             pm.execute_notebook(str(src), str(out_nb), parameters=params, kernel_name=kernel, progress_bar=progress,
                                 stdout_file=lf, stderr_file=lf, cwd=str(cwd) if cwd else None)
@@ -97,21 +97,21 @@ def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True,
         os.environ["TORCHELASTIC_RESTART_COUNT"] = f"{n}/{step['dir']}"   # not one read from the last step's keys
     out_nb = (rd/"logs" if rank else sroot if stage is not None else rd)/f"{tag}.ipynb"
     logf = rd/"logs"/f"{tag}.log"; logf.parent.mkdir(parents=True, exist_ok=True)
-    info = dict(fingerprint=fp, notebook=str(nb), executed=str(out_nb), log=str(logf), started_at=_now())
+    info = dict(fingerprint=fp, notebook=str(nb), executed=str(out_nb), log=str(logf), started_at=utc_now())
     if not rank:
-        _update_manifest(sd, step=step["dir"], status="running", pipeline=info)
-        _update_state(rd, tag, status="running", **info)
+        update_manifest(sd, step=step["dir"], status="running", pipeline=info)
+        update_state(rd, tag, status="running", **info)
     t0 = time.time()
     fail = (lambda err: None) if rank else (lambda err: _mark_failed(rd, sd, tag, info, t0, err))
     _execute(nb, out_nb, logf, params, step, fail, kernel, progress, cwd, keep_flags)
-    if rank: return _load(sd/"manifest.json") or {}
-    try: m = finish_step(sd, cache, **info, elapsed_s=round(time.time()-t0, 1), finished_at=_now())
+    if rank: return load_json_or_none(sd/"manifest.json") or {}
+    try: m = finish_step(sd, cache, **info, elapsed_s=round(time.time()-t0, 1), finished_at=utc_now())
     except ValueError as e:
         fail(f"the notebook ended without reporting its outputs: {e}")
         raise StepError(f"step {step['name']!r}: {nb} ran to the end but did not write an `outputs-written` manifest "
                         f"listing outputs it wrote in {sd} ({e}; use anita.core.step_manifest)\n"
                         f"  executed notebook: {out_nb}\n  log: {logf}") from None
-    _update_state(rd, tag, status="completed", elapsed_s=round(time.time()-t0, 1), finished_at=_now())
+    update_state(rd, tag, status="completed", elapsed_s=round(time.time()-t0, 1), finished_at=utc_now())
     return m
 
 # %% ../nbs/11c_runner.ipynb #26273f01
@@ -161,7 +161,7 @@ class _Walk:
         self.keep_flags, self.log, self.order, self.dirs, self.rebuilt = keep_flags, log, list(rec["steps"]), step_dirs(rec), []
         self.root = Path(root).absolute(); self.rd = self.root/run; self.rdr = self.rd.resolve(); self.rank = process_rank()
         self.cwd = cwd or self.rd
-        cache = _load(self.rd/".fingerprints.json")
+        cache = load_json_or_none(self.rd/".fingerprints.json")
         self.cache = cache if isinstance(cache, dict) else {}   # file hashes by path, see `_file_hash`
         self.store, self.walk_id = launch_store(), next(_WALKS)   # several processes: rank 0's plans for the others
         self.follows = self.store is not None and self.rank > 0
@@ -170,7 +170,7 @@ class _Walk:
         "Keep the file hashes (of files that still exist) in the run folder for the next run."
         if not self.dry_run and not self.rank:
             kept = {k: v for k, v in self.cache.items() if Path(k).exists()}
-            _readable(write_json(self.rd/".fingerprints.json", kept))
+            make_readable(write_json(self.rd/".fingerprints.json", kept))
 
     def moved(self, src, dst):
         "Keep the hashes of the files moved from folder `src` to `dst` (a rename keeps their inode and ctime)."
@@ -203,9 +203,9 @@ class _Walk:
     def plan(self, st, tag, sd, stage, fp, stale):
         "`(action, why)` of `plan_step` from what the step's folder, `pipeline.json` and a replacement beside it say."
         m, problem = step_status(sd, self.cache)
-        state = (_load(self.rd/"pipeline.json") or {}).get("steps", {}).get(tag, {})
+        state = (load_json_or_none(self.rd/"pipeline.json") or {}).get("steps", {}).get(tag, {})
         prev_fp = m.get("pipeline", {}).get("fingerprint") or state.get("fingerprint")   # a notebook's `running` manifest has none
-        staged = ((_load(stage/"attempt.json") or {}).get("fingerprint"),
+        staged = ((load_json_or_none(stage/"attempt.json") or {}).get("fingerprint"),
                   step_status(stage/self.run/st["dir"], self.cache)[1])
         return plan_step(m, problem, fp, prev_fp, self.force, stale, staged)
 
@@ -221,7 +221,7 @@ def decide(self:_Walk, i, n, ran_prev, tag, sd, stage) -> tuple:
     "`(action, why, fingerprint)` of step `n` from the run folder: the step before it, its fingerprint, its state."
     st, prev = self.rec["steps"][n], self.order[i-1] if i else None
     up = self.upstream(n, prev, ran_prev)
-    if not self.dry_run and not self.rank: _restore(sd)
+    if not self.dry_run and not self.rank: restore_swap(sd)
     fp, ins = self.fingerprint(st, up, sd, stage)
     return (*self.plan(st, tag, sd, stage, fp, self.stale(prev, ran_prev, ins)), fp)
 
@@ -241,7 +241,7 @@ def hear(self:_Walk, what, n) -> list:
 def step(self:_Walk, i, n, ran_prev) -> str:
     "Plan step `n` (the `i`th) and run it when needed; returns 'skipped', 'would run' or 'ran'."
     st = self.rec["steps"][n]
-    (tag, sd, _), stage = step_paths(self.rd, st, self.shard), _stage(self.rd, st, self.shard)
+    (tag, sd, _), stage = step_paths(self.rd, st, self.shard), stage_dir(self.rd, st, self.shard)
     head = f"[{i+1}/{len(self.order)}] {n} ({st['notebook']} -> {sd})"
     if self.follows: action, why, fp = self.hear("plan", n)
     else:
@@ -268,16 +268,16 @@ def execute(self:_Walk, st, action, why, head, fp, tag, sd, stage):
     if action == "fresh" and owner:   # a failed step of other parameters starts afresh, never from their checkpoints
         shutil.rmtree(sd); log(f"{head}: cleared {sd} (start afresh, not from checkpoints of other parameters)")
     if action == "beside" and owner:
-        shutil.rmtree(stage, ignore_errors=True); write_json(stage/"attempt.json", dict(fingerprint=fp, started_at=_now()))
+        shutil.rmtree(stage, ignore_errors=True); write_json(stage/"attempt.json", dict(fingerprint=fp, started_at=utc_now()))
     if action != "swap":
         run_step(st, self.rec["nbs_dir"], self.run, self.root, fp=fp, progress=self.progress, cwd=self.cwd, shard=self.shard,
                  keep_flags=self.keep_flags, log=log, stage=stage if action.endswith("beside") else None,
                  dirs=self.dirs, cache=self.cache)
         self.save_cache()
     if action in ("beside", "resume-beside", "swap") and owner:
-        _swap_in(self.rd, sd, stage, tag); log(f"{head}: the new {st['dir']} replaced the finished one")
+        swap_in(self.rd, sd, stage, tag); log(f"{head}: the new {st['dir']} replaced the finished one")
         self.moved(stage/self.rd.name/sd.name, sd); self.save_cache()
-    log(f"{head}: completed in {_fmt_s(time.time()-t0)}")
+    log(f"{head}: completed in {fmt_seconds(time.time()-t0)}")
 
 @patch
 def walk(self:_Walk, names) -> dict:
@@ -312,7 +312,7 @@ def _save_recipe(rd, rec):
     with atomic_write(rd/"recipe.yaml") as f:
         yaml.safe_dump(dict(name=rec["name"], source=rec["path"], steps={n: dict(notebook=s["notebook"], dir=s["dir"],
                        params=s["params"]) for n, s in rec["steps"].items()}), f, sort_keys=False, allow_unicode=True)
-    _readable(rd/"recipe.yaml")
+    make_readable(rd/"recipe.yaml")
 
 def run_recipe(recipe:str|Path|dict,  # recipe name, path, or a loaded recipe
                run:str="demo",        # run name: outputs go to `root/run/`
@@ -332,7 +332,7 @@ def run_recipe(recipe:str|Path|dict,  # recipe name, path, or a loaded recipe
     rec = recipe if isinstance(recipe, dict) else load_recipe(recipe, nbs_dir)
     names, keep_flags = _check_run(rec, run, steps, sets, keep_flags, shard)
     w = _Walk(rec, run, root, shard, cwd, force, dry_run, progress, keep_flags, log)
-    _check_folders([w.rd/"logs", *[step_paths(w.rd, rec["steps"][n], shard)[1] for n in names]])
+    check_folders([w.rd/"logs", *[step_paths(w.rd, rec["steps"][n], shard)[1] for n in names]])
     if not dry_run: w.rd.mkdir(parents=True, exist_ok=True)
     # a shard (Slurm array task) locks its own folder: the array's tasks run side by side in the same run
     lock_dir, t_all = w.rd if shard is None else step_paths(w.rd, rec["steps"][names[0]], shard)[2], time.time()
@@ -341,5 +341,5 @@ def run_recipe(recipe:str|Path|dict,  # recipe name, path, or a loaded recipe
         done = w.walk(names)
         if report and not dry_run and not w.rank and shard is None:
             from anita.report import write_report
-            log(f"report: {write_report(w.rd, rec)} (total {_fmt_s(time.time()-t_all)})")
+            log(f"report: {write_report(w.rd, rec)} (total {fmt_seconds(time.time()-t_all)})")
     return done

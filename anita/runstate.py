@@ -8,11 +8,13 @@ import contextlib, json, os, shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from .core import OUTPUTS_READY, fingerprint, process_rank, read_json, write_json
-from .recipe import _strings
+from .recipe import all_strings
 
 # %% auto #0
-__all__ = ['notebook_code', 'output_files', 'outputs_problem', 'step_status', 'manifest_token', 'input_paths',
-           'input_fingerprint', 'step_fingerprint', 'step_paths', 'finish_step', 'run_lock', 'gather_shards']
+__all__ = ['notebook_code', 'load_json_or_none', 'output_files', 'outputs_problem', 'step_status', 'manifest_token',
+           'input_paths', 'input_fingerprint', 'step_fingerprint', 'utc_now', 'fmt_seconds', 'make_readable',
+           'update_manifest', 'update_state', 'step_paths', 'finish_step', 'stage_dir', 'restore_swap', 'swap_in',
+           'check_folders', 'run_lock', 'gather_shards']
 
 # %% ../nbs/11b_runstate.ipynb #85efa15b
 def notebook_code(nb_path) -> list:
@@ -23,7 +25,7 @@ def notebook_code(nb_path) -> list:
 
 def _gone(p:Path) -> bool: return not p.exists() or p.is_dir() and not any(f.is_file() for f in p.rglob("*"))
 
-def _load(p):
+def load_json_or_none(p):
     "The JSON at `p`, or None when it is missing or not JSON."
     with contextlib.suppress(FileNotFoundError, ValueError): return read_json(p)
     return None
@@ -52,7 +54,7 @@ def output_files(step_dir, outputs, cache:dict=None) -> dict:
 
 def _run_cache(step_dir) -> dict:
     "The run's file-hash cache (`<run>/.fingerprints.json`, read only here), or an empty one."
-    c = _load(Path(step_dir).parent/".fingerprints.json")
+    c = load_json_or_none(Path(step_dir).parent/".fingerprints.json")
     return c if isinstance(c, dict) else {}
 
 def outputs_problem(step_dir, m:dict, cache:dict=None) -> str|None:
@@ -91,7 +93,7 @@ def input_paths(params:dict, cwd, own=()) -> dict:
     """`{value: path}` for the (filled) parameter strings that name a local file or folder, relative ones from `cwd` (where the
     kernel runs), except the folders in `own` (the step's own output), what is inside them and what holds them."""
     own, out = [Path(o).resolve() for o in own], {}
-    for s in _strings(params):
+    for s in all_strings(params):
         if not s.strip() or "\n" in s or "\0" in s: continue
         try:
             p = (Path(cwd)/Path(s).expanduser()).resolve()
@@ -114,30 +116,30 @@ def step_fingerprint(nb_path, params:dict, upstream:str|None, inputs:dict=None) 
     return fingerprint(dict(code=notebook_code(nb_path), params=params, upstream=upstream, inputs=inputs or {}))
 
 # %% ../nbs/11b_runstate.ipynb #52fbf0a7
-def _now(): return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def utc_now(): return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
-def _fmt_s(s): return f"{s:.1f}s" if s < 120 else f"{s/60:.1f}min"
+def fmt_seconds(s): return f"{s:.1f}s" if s < 120 else f"{s/60:.1f}min"
 
-def _readable(p):
+def make_readable(p):
     "Give a file written through a temp file (mode 0600) the usual umask permissions, so teammates can read run folders."
     um = os.umask(0); os.umask(um)
     with contextlib.suppress(OSError): os.chmod(p, 0o666 & ~um)
     return Path(p)
 
-def _update_manifest(step_dir, **kw):
+def update_manifest(step_dir, **kw):
     "Merge `kw` into `step_dir/manifest.json` (its `pipeline` dict merged too)."
     p = Path(step_dir)/"manifest.json"
-    m = _load(p) or {}
+    m = load_json_or_none(p) or {}
     pipe = {**m.get("pipeline", {}), **kw.pop("pipeline", {})}
     m.update(kw, pipeline=pipe)
-    return _readable(write_json(p, m))
+    return make_readable(write_json(p, m))
 
-def _update_state(rd, name, **kw):
+def update_state(rd, name, **kw):
     "Merge `kw` into step `name` of the run's `pipeline.json`."
     p = Path(rd)/"pipeline.json"
-    s = _load(p) or {}
+    s = load_json_or_none(p) or {}
     s.setdefault("steps", {}).setdefault(name, {}).update(kw)
-    _readable(write_json(p, s))
+    make_readable(write_json(p, s))
 
 def step_paths(rd, step:dict, shard:int=None) -> tuple:
     "`(tag, step folder, root given to the notebook)`; shard `i` of a step runs with root `rd/<dir>/shards/<ii>`."
@@ -151,37 +153,37 @@ def finish_step(step_dir, cache:dict=None, **pipeline) -> dict:
     `completed`) and list outputs that exist; every file of them is recorded in `files` with its size and hash,
     `pipeline` merged in. Else a `ValueError`."""
     p = Path(step_dir)/"manifest.json"
-    m = _load(p)
+    m = load_json_or_none(p)
     if not isinstance(m, dict) or m.get("status") not in OUTPUTS_READY:
         raise ValueError(f"{p} says {m.get('status') if isinstance(m, dict) else 'nothing'!r}, not 'outputs-written'")
     if gone := [o for o in m.get("outputs") or [] if _gone(Path(step_dir)/o)]:
         raise ValueError(f"outputs missing: {', '.join(gone)}")
     m.update(status="completed", files=output_files(step_dir, m.get("outputs") or [], cache),
              pipeline={**m.get("pipeline", {}), **pipeline})
-    _readable(write_json(p, m))
+    make_readable(write_json(p, m))
     return m
 
 # %% ../nbs/11b_runstate.ipynb #6e86ea1e
-def _stage(rd, st, shard=None) -> Path:
+def stage_dir(rd, st, shard=None) -> Path:
     "The hidden folder where the replacement of a finished step (or shard) is built."
     return rd/f".{st['dir']}.new" if shard is None else rd/st["dir"]/"shards"/f".{shard:02d}.new"
 
-def _restore(sd):
+def restore_swap(sd):
     "Undo a swap cut short between its two renames: the finished step goes back in place (or the replaced one is deleted)."
     old = sd.with_name(f".{sd.name}.old")
     if old.exists() and not sd.exists(): os.replace(old, sd)
     elif old.exists(): shutil.rmtree(old)
 
-def _swap_in(rd, sd, stage, tag):
+def swap_in(rd, sd, stage, tag):
     "Put the completed replacement built in `stage` in place of the step folder `sd`, then delete the old one."
     old = sd.with_name(f".{sd.name}.old")
     if sd.exists(): os.replace(sd, old)
     os.replace(stage/rd.name/sd.name, sd)
     if (stage/f"{tag}.ipynb").exists():
-        os.replace(stage/f"{tag}.ipynb", rd/f"{tag}.ipynb"); _update_manifest(sd, pipeline=dict(executed=str(rd/f"{tag}.ipynb")))
+        os.replace(stage/f"{tag}.ipynb", rd/f"{tag}.ipynb"); update_manifest(sd, pipeline=dict(executed=str(rd/f"{tag}.ipynb")))
     shutil.rmtree(old, ignore_errors=True); shutil.rmtree(stage, ignore_errors=True)
 
-def _check_folders(paths):
+def check_folders(paths):
     "A `UsageError` when a file stands where one of `paths` (folders, made later if missing) or a folder above it must be."
     from anita.recipe import UsageError
     for p in paths:
@@ -213,7 +215,7 @@ def gather_shards(rd:str|Path, recipe:dict) -> list:
     for n, st in recipe["steps"].items():
         if not st["shards"]: continue
         sds = [step_paths(rd, st, i)[1] for i in range(len(st["shards"]["values"]))]
-        ms = [_load(sd/"manifest.json") or {} for sd in sds]
+        ms = [load_json_or_none(sd/"manifest.json") or {} for sd in sds]
         if not all(m.get("status") == "completed" for m in ms): continue
         outs = [str(sd.relative_to(rd/st["dir"])) for sd in sds]
         files = output_files(rd/st["dir"], outs, _run_cache(rd/st["dir"]))

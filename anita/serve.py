@@ -57,7 +57,7 @@ class TransformersEngine:
     max_parallel = None                    # generations run in threads sharing the model; `--parallel` bounds them
     def __init__(self, src:str):
         if str(src).endswith(".gguf"):
-            from anita.export import load_gguf
+            from anita.gguf_check import load_gguf
             self.model, self.tok = load_gguf(src)
         else:
             from anita.models import load_model

@@ -9,64 +9,27 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from .core import (OUTPUTS_READY, PAPER_BASE, ANITA_SYSTEM_PROMPT, atomic_dir, atomic_write, write_json, read_json,
                         seed_everything, device_info, fingerprint, resolve_model, ensure_pad_token, run_dir,
-                        step_manifest, process_rank, barrier)
-from .trainconfig import *
-from .backends import *
-from .batching import *
-from .merge import *
-from .backends import _has                  # private names used below (`anita.dpo` imports `_adds_bos` from here)
-from .batching import _adds_bos, _uses_bf16
+                        step_manifest, process_rank, barrier, complete_checkpoints)
+from .trainconfig import SFTStepConfig, step_config, TRL_NAMES
+from .backends import (all_ranks, ensure_logprob_kernel, init_distributed, load_for_training, on_rank0,
+                            pick_backend, require_model_input)
+from .batching import (batch_stats, packed_micro_batch, packing_throughput, plan_text, sft_plan, token_checks,
+                            tokenize_lm)
+from .merge import generation_check, model_card, save_merged
+from .backends import has_module                  # private names used below (`anita.dpo` imports `adds_bos` from here)
+from .batching import adds_bos, uses_bf16
 
 # %% auto #0
-__all__ = ['TRAINER_KEYS', 'SFT_STAGE', 'AnitaTrainerMixin', 'latest_checkpoint', 'prepare_resume', 'checkpoint_problem',
-           'set_aside', 'usable_checkpoint', 'damaged_report', 'write_train_log', 'oom_guard', 'resolve_report_to',
-           'train_args', 'Stage', 'load_model', 'drop_ref_adapter', 'make_trainer', 'run_training', 'reuse_packing',
-           'keep_packing', 'steady_tokens_per_s', 'save_adapter_and_logs', 'peak_memory_gb', 'train_report',
-           'save_merged_with_card', 'run_generations', 'fit', 'sft_data', 'train_sft', 'load_step_data', 'loss_table']
+__all__ = ['TRAINER_KEYS', 'SFT_STAGE', 'latest_checkpoint', 'prepare_resume', 'checkpoint_problem', 'set_aside',
+           'usable_checkpoint', 'damaged_report', 'write_train_log', 'oom_guard', 'resolve_report_to', 'train_args',
+           'Stage', 'load_model', 'drop_ref_adapter', 'make_trainer', 'run_training', 'reuse_packing', 'keep_packing',
+           'steady_tokens_per_s', 'save_adapter_and_logs', 'peak_memory_gb', 'train_report', 'save_merged_with_card',
+           'run_generations', 'fit', 'sft_data', 'train_sft', 'load_step_data', 'loss_table']
 
 # %% ../nbs/02_sft.ipynb #8e13e992
-class AnitaTrainerMixin:
-    "Atomic checkpoints and a real-token counter for TRL trainers."
-    anita_tokens = 0
-    def training_step(self, model, inputs, *args, **kwargs):
-        am, ids = inputs.get("attention_mask"), inputs.get("input_ids")
-        self.anita_tokens += int(am.sum()) if am is not None else int(ids.numel()) if ids is not None else 0
-        return super().training_step(model, inputs, *args, **kwargs)
-    def _save_checkpoint(self, model, trial, *args, **kwargs):
-        final = Path(self.args.output_dir); stage = final/".staging"; main = self.args.process_index == 0
-        if main: shutil.rmtree(stage, ignore_errors=True); stage.mkdir(parents=True)
-        barrier()   # several processes: each writes its own files (`rng_state_<rank>.pth`) into the folder rank 0 made
-        self.args.output_dir = str(stage)
-        try: super()._save_checkpoint(model, trial, *args, **kwargs)
-        finally: self.args.output_dir = str(final)
-        barrier()   # all written: rank 0 alone moves the checkpoint in place
-        if not main: return
-        for d in sorted(stage.glob("checkpoint-*")):
-            if (final/d.name).exists(): shutil.rmtree(final/d.name)
-            os.replace(d, final/d.name)
-        shutil.rmtree(stage, ignore_errors=True)
-        keep = self.args.save_total_limit
-        if keep:
-            for d in _checkpoints(final)[:-keep]: shutil.rmtree(d, ignore_errors=True)
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        # several CPU processes: transformers maps the optimizer state to `args.device`, an indexed `cpu:N` that
-        # torch.load cannot restore to ("don't know how to restore data location"); the plain CPU is the same memory
-        if not checkpoint or self.args.world_size < 2 or self.args.device.type != "cpu":
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        import torch
-        load = torch.load
-        torch.load = lambda *a, **k: load(*a, **{**k, "map_location": "cpu"})
-        try: return super()._load_optimizer_and_scheduler(checkpoint)
-        finally: torch.load = load
-
-def _checkpoints(d) -> list:
-    d = Path(d)
-    cks = [c for c in d.glob("checkpoint-*") if c.name.split("-")[-1].isdigit() and (c/"trainer_state.json").exists()]
-    return sorted(cks, key=lambda c: int(c.name.split("-")[-1]))
-
 def latest_checkpoint(ckpt_dir) -> str|None:
     "The newest complete `checkpoint-N` folder under `ckpt_dir`, or None."
-    cks = _checkpoints(ckpt_dir) if Path(ckpt_dir).exists() else []
+    cks = complete_checkpoints(ckpt_dir) if Path(ckpt_dir).exists() else []
     return str(cks[-1]) if cks else None
 
 def prepare_resume(ckpt_dir, key:dict, resume:bool=True) -> str|None:
@@ -119,7 +82,7 @@ def usable_checkpoint(ckpt_dir, log=print,
     """The newest checkpoint under `ckpt_dir` that loads, or None. Newer damaged ones are moved to `ckpt_dir/damaged/`
     (by the main process only: other ranks skip them), said in the log and added to `damaged/damaged.json`."""
     main, tried = process_rank() == 0 if main is None else main, 0
-    for ck in reversed(_checkpoints(ckpt_dir) if Path(ckpt_dir).exists() else []):
+    for ck in reversed(complete_checkpoints(ckpt_dir) if Path(ckpt_dir).exists() else []):
         tried += 1
         if (problem := checkpoint_problem(ck)) is None: return str(ck)
         dst = set_aside(ck) if main else ck
@@ -186,9 +149,9 @@ _TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "clearml")
 
 def resolve_report_to(report_to="auto"):
     "TRL's `report_to`: `auto` -> tensorboard when installed, else none; a named tracker must be installed."
-    if report_to in (None, "auto"): return "tensorboard" if _has("tensorboard") else "none"
+    if report_to in (None, "auto"): return "tensorboard" if has_module("tensorboard") else "none"
     names = [s.strip() for s in report_to.split(",")] if isinstance(report_to, str) else list(report_to)
-    missing = [n for n in names if n in _TRACKERS and not _has(n)]
+    missing = [n for n in names if n in _TRACKERS and not has_module(n)]
     if missing: raise ModuleNotFoundError(f"report_to={report_to!r}: {', '.join(missing)} is not installed "
                                           f"(pip install {' '.join(missing)}), or set report_to to none")
     return names[0] if len(names) == 1 else names
@@ -203,7 +166,7 @@ def train_args(config_cls, out_dir, cfg, backend:str, **extra):
     optim = "adamw_torch" if not gpu and ("8bit" in cfg.optim or "paged" in cfg.optim) else cfg.optim
     kw = {**{TRL_NAMES.get(k, k): getattr(cfg, k) for k in TRAINER_KEYS}, **extra}
     return config_cls(output_dir=str(out_dir), **kw, optim=optim, data_seed=cfg.seed, save_strategy="steps",
-        report_to=resolve_report_to(cfg.report_to), use_cpu=not gpu, bf16=_uses_bf16(backend, cfg.bf16),
+        report_to=resolve_report_to(cfg.report_to), use_cpu=not gpu, bf16=uses_bf16(backend, cfg.bf16),
         fp16=gpu and not device_info()["bf16"], gradient_checkpointing=cfg.gradient_checkpointing and backend == "hf",
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0)
 
@@ -401,7 +364,7 @@ def sft_data(model, tok, dataset, cfg) -> tuple:
     if rep["token_checks"]["doubled_bos"]: raise ValueError(f"doubled BOS in {rep['token_checks']['doubled_bos']} examples")
     packing = cfg.packing
     if packing == "auto":  # pack only where it is faster here: measured, both throughputs in the report
-        bf16 = _uses_bf16(cfg.backend, cfg.bf16)
+        bf16 = uses_bf16(cfg.backend, cfg.bf16)
         pb = packed_micro_batch(cfg.micro_batch_tokens, cfg.max_length)   # several processes: rank 0's choice for all
         rep["packing_measured"] = pm = on_rank0(lambda: packing_throughput(model, tok, tds, cfg.max_length,
                                                                            cfg.batch_size, bf16, packed_batch=pb))

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse, os, re, shutil, subprocess, sys
 from pathlib import Path
 from .core import run_dir
-from .pipeline import RecipeError, load_recipe, select_steps, apply_sets, check_recipe_params, manifest_token
+from .recipe import RecipeError, load_recipe, select_steps, apply_sets, check_recipe_params
+from .runstate import manifest_token
 
 # %% auto #0
 __all__ = ['SCRIPTS', 'prefetch_list', 'online_steps', 'prefetch', 'SlurmError', 'step_resources', 'parse_time', 'partition_info',
@@ -24,7 +25,7 @@ def _hub_id(v) -> bool:
 
 def _suite_tasks(suite) -> list:
     "lm-eval task names of a suite name, a comma list of suites/tasks, or a list of them."
-    from anita.eval import SUITES
+    from anita.eval_harness import SUITES
     items = [s.strip() for s in suite.split(",") if s.strip()] if isinstance(suite, str) else list(suite or [])
     out = []
     for it in items:
@@ -83,7 +84,7 @@ def prefetch(recipe:dict, rd=None, steps=None, log=print) -> list:
             log(f"prefetch: {x['id']} is read by streaming in step {x['step']!r}: that step runs online")
     if tasks:
         from lm_eval.tasks import get_task_dict
-        from anita.eval import task_manager
+        from anita.eval_harness import task_manager
         log(f"prefetch: lm-eval data of {', '.join(tasks)}")
         get_task_dict(tasks, task_manager())
     if rd is not None: write_json(Path(rd)/"prefetch.json", dict(status="completed", items=items))

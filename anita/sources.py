@@ -10,8 +10,8 @@ from pathlib import Path
 from .core import atomic_write
 
 # %% auto #0
-__all__ = ['local_data_files', 'load_source', 'iter_rows', 'BadRows', 'eval_texts', 'ngram_index', 'contaminated', 'data_report',
-           'length_stats', 'plot_token_lengths']
+__all__ = ['local_data_files', 'load_source', 'iter_rows', 'source_name', 'BadRows', 'eval_texts', 'ngram_index', 'contaminated',
+           'finish_rows', 'rows_dataset', 'data_report', 'length_stats', 'plot_token_lengths']
 
 # %% ../nbs/01a_sources.ipynb #f8e78d36
 _BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json", ".parquet": "parquet",
@@ -94,7 +94,7 @@ def iter_rows(source, split:str="train", streaming:bool=False):
             return
     yield from load_source(source, split=split, streaming=streaming)
 
-def _source_name(source) -> str:
+def source_name(source) -> str:
     if isinstance(source, (list, tuple)): return f"<{len(source)} rows>"
     if hasattr(source, "features") or hasattr(source, "_ex_iterable"): return f"<{type(source).__name__}>"
     return str(source)
@@ -139,7 +139,7 @@ def contaminated(text:str, index:set, n:int=13) -> bool:
     return bool(index) and not _ngrams(text, n).isdisjoint(index)
 
 # %% ../nbs/01a_sources.ipynb #98cd1856
-def _finish(rows:list, keys:tuple, name:str, bad:BadRows, n_in:int, dedup:bool, decon:set, ngram:int, report:dict,
+def finish_rows(rows:list, keys:tuple, name:str, bad:BadRows, n_in:int, dedup:bool, decon:set, ngram:int, report:dict,
             text_of=None) -> tuple:
     "Shared tail: bad-row threshold, exact dedup, decontamination; returns `(rows, report)`."
     if not n_in: raise ValueError(f"{name}: no rows")
@@ -161,7 +161,7 @@ def _finish(rows:list, keys:tuple, name:str, bad:BadRows, n_in:int, dedup:bool, 
                   rows_out=len(out))
     return out, report
 
-def _dataset(rows:list, columns:tuple, report:dict):
+def rows_dataset(rows:list, columns:tuple, report:dict):
     "A `datasets.Dataset` with `columns`, carrying `report` as JSON in `info.description`."
     from datasets import Dataset, DatasetInfo, Features, Value
     feats = Features({c: Value("string") for c in columns})

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from anita import data as D
+from anita import sources
 from anita.core import read_manifest
 
 PRE_IN = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -202,7 +203,7 @@ def test_local_formats(fmt, tmp_path, smol):
     elif fmt == "parquet": df.to_parquet(p)
     elif fmt == "csv": df.to_csv(p, index=False)
     else: p.mkdir(); df.iloc[:3].to_parquet(p/"a.parquet"); df.iloc[3:].to_parquet(p/"b.parquet")
-    assert len(D.load_source(p)) == 6
+    assert len(sources.load_source(p)) == 6
     ds = D.prepare_sft(p, smol, max_bad_frac=0)
     assert len(ds) == 6 and ds[0]["completion"] == D.strip_markers(df.output[0]) + "<|im_end|>"
 
@@ -228,7 +229,7 @@ def test_run_data_step(tmp_path, smol):
     on_disk = json.loads((step/"report.json").read_text())
     assert on_disk["ita"]["rows_out"] == 30 == len(load_from_disk(str(step/"ita")))
     assert on_disk["sft"]["token_lengths"]["count"] == len(load_from_disk(str(step/"sft"))) and on_disk["sft"]["token_lengths"]["p50"] > 20
-    assert D.data_report(load_from_disk(str(step/"dpo")))["by_source"] == rep["dpo"]["by_source"]
+    assert sources.data_report(load_from_disk(str(step/"dpo")))["by_source"] == rep["dpo"]["by_source"]
 
 def test_step_atomic_on_failure(tmp_path, monkeypatch):
     from datasets import Dataset
@@ -278,7 +279,7 @@ def test_bad_encoding_names_file_and_line(tmp_path, smol):
                   '{"instruction": "Perché?", "input": "", "output": "Così"}\n'.encode("latin-1"))
     with pytest.raises(ValueError, match=r"sft.jsonl, line 2: not UTF-8 text \(byte 0xe9\)"): D.prepare_sft(p, smol)
     c = tmp_path/"sft.csv"; c.write_bytes("instruction,input,output\nCiao,,Salve\nPerché?,,Così\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"sft.csv, line 3: not UTF-8 text"): D.load_source(c)
+    with pytest.raises(ValueError, match=r"sft.csv, line 3: not UTF-8 text"): sources.load_source(c)
 
 def test_missing_relative_path_is_not_a_hub_id(tmp_path, monkeypatch, smol):
     "Issue 12, item 9: `data/sft.jsonl` that is not there is 'no such file', never a Hub id to retry."

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from anita import eval as ev, eval_harness
+from anita import eval_harness, eval_paper
 from anita.core import read_json, read_manifest, write_json
 
 
@@ -59,28 +60,28 @@ def test_table_shows_paper_columns(step):
 
 def test_always_B_scores_gold_fraction(embedded_dir):
     lm = ev.biased_lm(embedded_dir, "B", batch_size=16)
-    m = ev.extract_metrics(ev.run_lm_eval(lm, ev.resolve_suite("anita_mc_en,anita_mc_it")))
+    m = eval_harness.extract_metrics(eval_harness.run_lm_eval(lm, eval_harness.resolve_suite("anita_mc_en,anita_mc_it")))
     assert m["anita_mc_en"]["acc"] == ev.gold_fraction("anita_mc_en", "B") == 3/8
     assert m["anita_mc_it"]["acc"] == ev.gold_fraction("anita_mc_it", "B") == 2/8
     assert m["anita_mc_en"]["acc_norm"] == 3/8  # single-token letters: length normalisation changes nothing
 
 
 def test_paper_tables():
-    pt = ev.paper_table()
+    pt = eval_paper.paper_table()
     assert (pt.value.notna() & pt.source.str.len().gt(0)).all()           # every cell has a value and a source: no NOT FOUND
     t1, t2 = pt[pt.table == "paper Table 1"], pt[pt.table == "paper Table 2"]
     assert len(t1) == 4*9 + 4 and len(t2) == 4*3 + 4
     assert set(t1.task) == {"winogrande", "truthfulqa_mc2", "mmlu", "hellaswag", "gsm8k", "arc_challenge", "average"}
     assert set(t2.task) == {"m_mmlu_it", "arc_it", "hellaswag_it", "average"}
-    assert set(t2.model) == {"Mistral-Ita-7b", "LLaMAntino-2-70b-hf-UltraChat-ITA", "Llama-3-8b-Ita", ev.ANITA_MODEL}
+    assert set(t2.model) == {"Mistral-Ita-7b", "LLaMAntino-2-70b-hf-UltraChat-ITA", "Llama-3-8b-Ita", eval_paper.ANITA_MODEL}
     v = pt.set_index(["table", "task", "metric", "model"]).value
-    assert v[("paper Table 1", "gsm8k", "exact_match,strict-match", ev.ANITA_MODEL)] == 0.6035
+    assert v[("paper Table 1", "gsm8k", "exact_match,strict-match", eval_paper.ANITA_MODEL)] == 0.6035
     assert v[("paper Table 1", "truthfulqa_mc2", "acc", "Meta-Llama-3-8B-Instruct")] == 0.4397
     assert v[("paper Table 2", "arc_it", "acc_norm", "LLaMAntino-2-70b-hf-UltraChat-ITA")] == 0.5004
     assert v[("Open Ita LLM Leaderboard", "m_mmlu_it", "acc", "Meta-Llama-3-8B-Instruct")] == 0.5590
     # both kinds of average: printed, and recomputed from the cells; they agree except Llama-3-Instruct's printed 0.6627
-    avg = ev.paper_averages(pt).set_index(["table", "model"])
-    assert avg.loc[("paper Table 1", ev.ANITA_MODEL), "printed"] == 0.7029 and avg.loc[("paper Table 2", ev.ANITA_MODEL), "printed"] == 0.616
+    avg = eval_paper.paper_averages(pt).set_index(["table", "model"])
+    assert avg.loc[("paper Table 1", eval_paper.ANITA_MODEL), "printed"] == 0.7029 and avg.loc[("paper Table 2", eval_paper.ANITA_MODEL), "printed"] == 0.616
     for (table, model), r in avg[avg.printed.notna()].iterrows():
         off = abs(r.recomputed - r.printed)
         if model == "Meta-Llama-3-8B-Instruct": assert abs(r.recomputed - 0.6379) < 5e-5 and off > 0.02
@@ -91,26 +92,26 @@ def test_paper_tables_match_transcription():
     "Cell by cell against the long-form transcription in ../shared/paper (paper names mapped with `lm_eval_name`)."
     src = Path(__file__).resolve().parents[1].parent/"shared"/"paper"
     if not src.exists(): pytest.skip("../shared/paper not present")
-    pt = ev.paper_table(leaderboard=False)
+    pt = eval_paper.paper_table(leaderboard=False)
     ours = {(r.lang, r.task, r.metric, r.model_id): r.value for r in pt.itertuples()}
     theirs = {}
     for lang, f in (("en", "table1_en.csv"), ("it", "table2_it.csv")):
         for r in csv.DictReader(open(src/f, encoding="utf-8")):
-            theirs[(lang, *ev.lm_eval_name(r["task"], r["metric"]), r["model"])] = float(r["value"])
+            theirs[(lang, *eval_paper.lm_eval_name(r["task"], r["metric"]), r["model"])] = float(r["value"])
     assert ours == theirs
 
 
 def test_bad_paper_table_is_named(tmp_path, monkeypatch):
-    shutil.copytree(ev.evaltasks_dir().parent/"paper", tmp_path/"paper"); (tmp_path/"evaltasks").mkdir()
+    shutil.copytree(eval_harness.evaltasks_dir().parent/"paper", tmp_path/"paper"); (tmp_path/"evaltasks").mkdir()
     rows = (tmp_path/"paper"/"table2_it.csv").read_text().splitlines()
     rows[3] = rows[3].replace(",0.572,", ",,")
     (tmp_path/"paper"/"table2_it.csv").write_text("\n".join(rows) + "\n")
     monkeypatch.setattr(eval_harness, "EVALTASKS_DIR", tmp_path/"evaltasks")
-    with pytest.raises(ValueError, match=r"table2_it.csv, row 4: a cell without a value"): ev.paper_table("it")
+    with pytest.raises(ValueError, match=r"table2_it.csv, row 4: a cell without a value"): eval_paper.paper_table("it")
 
 
 def test_real_suite_names_in_registry():
-    specs = ev.resolve_suite("paper")
+    specs = eval_harness.resolve_suite("paper")
     assert [s["task"] for s in specs] == ["winogrande", "truthfulqa_mc2", "mmlu", "hellaswag", "gsm8k", "arc_challenge",
                                           "m_mmlu_it", "arc_it", "hellaswag_it"]
     assert {s["task"]: s["num_fewshot"] for s in specs}["m_mmlu_it"] == 5
@@ -121,7 +122,7 @@ def test_compare_orders_steps(step, tmp_path):
     for n, acc in (("ita", .4), ("dpo", .3), ("sft", .2)):
         write_json(tmp_path/n/"05_eval"/"results.json",
                    {"models": {n: {"model": f"runs/x/0{2+'sft dpo ita'.split().index(n)}_{n}/merged", "metrics": {"anita_mc_it": {"acc": acc}}}}})
-    df = ev.compare([tmp_path/"ita", d.parent, tmp_path/"sft", tmp_path/"dpo"], out_dir=tmp_path)
+    df = eval_paper.compare([tmp_path/"ita", d.parent, tmp_path/"sft", tmp_path/"dpo"], out_dir=tmp_path)
     assert [c for c in df.columns if not c.startswith(("paper", "leaderboard"))] == ["base", "sft", "dpo", "ita"]
     assert df.loc[("anita_mc_it", "acc"), "dpo"] == .3
     assert (tmp_path/"compare.png").stat().st_size > 1000 and "| base | sft | dpo | ita |" in (tmp_path/"compare.md").read_text()
@@ -129,15 +130,15 @@ def test_compare_orders_steps(step, tmp_path):
 
 def test_unknown_task_lists_close_names():
     with pytest.raises(ValueError, match=r"unknown lm-eval task or suite 'hellaswag_itt'.*close names: .*hellaswag_it"):
-        ev.resolve_suite("hellaswag_itt")
+        eval_harness.resolve_suite("hellaswag_itt")
     with pytest.raises(ValueError, match="m_mmlu_it"):
-        ev.resolve_suite("mmlu_it")
+        eval_harness.resolve_suite("mmlu_it")
 
 
 def test_model_without_weights(tmp_path):
     (tmp_path/"m").mkdir(); (tmp_path/"m"/"config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"m: model folder has config.json but no weights"):
-        ev.make_lm(str(tmp_path/"m"))
+        eval_harness.make_lm(str(tmp_path/"m"))
     with pytest.raises(FileNotFoundError, match="no such model folder"):
         ev.evaluate(models={"x": str(tmp_path/"nope")}, suite="local")
 
@@ -145,19 +146,19 @@ def test_model_without_weights(tmp_path):
 def test_empty_results_file(tmp_path):
     (tmp_path/"results.json").write_text("")
     with pytest.raises(ValueError, match=r"results.json: results file is empty"):
-        ev.compare([tmp_path/"results.json"])
+        eval_paper.compare([tmp_path/"results.json"])
     (tmp_path/"lm.json").write_text("")
     with pytest.raises(ValueError, match=r"lm.json: lm-eval results file is empty"):
-        ev.extract_metrics(tmp_path/"lm.json")
+        eval_harness.extract_metrics(tmp_path/"lm.json")
     (tmp_path/"r2.json").write_text(json.dumps({"models": {}}))
     with pytest.raises(ValueError, match="r2.json: no `models`"):
-        ev.compare([tmp_path/"r2.json"])
+        eval_paper.compare([tmp_path/"r2.json"])
 
 
 def test_vllm_missing_is_clear(monkeypatch):
-    monkeypatch.setattr(eval_harness, "_has_vllm", lambda: False)
+    monkeypatch.setattr(eval_harness, "has_vllm", lambda: False)
     with pytest.raises(ImportError, match="backend='vllm' needs the `vllm` package"):
-        ev.make_lm("embedded", backend="vllm")
+        eval_harness.make_lm("embedded", backend="vllm")
 
 
 def test_include_path_user_task(tmp_path, embedded_dir):
@@ -165,7 +166,7 @@ def test_include_path_user_task(tmp_path, embedded_dir):
     inc = _user_task(tmp_path/"my_tasks")
     res = ev.evaluate(models={"base": "embedded"}, suite="my_pairs", include=str(inc), batch_size=4, gen_max_new_tokens=0)
     assert res["models"]["base"]["n_docs"] == {"my_pairs": 3} and res["params"]["include"] == [str(inc)]
-    with pytest.raises(ValueError, match="unknown lm-eval task or suite 'my_pairs'"): ev.resolve_suite("my_pairs")
+    with pytest.raises(ValueError, match="unknown lm-eval task or suite 'my_pairs'"): eval_harness.resolve_suite("my_pairs")
     with pytest.raises(FileNotFoundError, match="include: .*nope is not a folder"): ev.evaluate(suite="local", include=str(tmp_path/"nope"))
 
 
@@ -177,12 +178,12 @@ def test_free_order_auto_backend(monkeypatch):
     def make_lm(ref, be, *a, gpu_memory_utilization=0.9, **k):
         assert not [e for e in events if e[0] == "make" and ("free", e[1], e[2]) not in events], f"{ref}/{be} made while {events[-1]} not freed"
         events.append(("make", ref, be, gpu_memory_utilization)[:3 if be == "hf" else 4]); return FakeLM(ref, be)
-    real_free = ev.free_lm
+    real_free = eval_harness.free_lm
     def free_lm(lm): events.append(("free", lm.ref, lm.be)); real_free(lm); assert lm.model is None
     def run_lm_eval(lm, specs, *a, **k):
         events.append(("eval", lm.ref, lm.be))
         return {"results": {s["task"]: {f"{m if ',' in m else m + ',none'}": 0.5 for m in s["metrics"]} for s in specs}, "n-samples": {}}
-    monkeypatch.setattr(ev, "_has_vllm", lambda: True)
+    monkeypatch.setattr(ev, "has_vllm", lambda: True)
     monkeypatch.setattr(ev, "make_lm", make_lm); monkeypatch.setattr(ev, "free_lm", free_lm)
     monkeypatch.setattr(ev, "run_lm_eval", run_lm_eval); monkeypatch.setattr(ev, "model_args", lambda ref: dict(pretrained=ref))
     monkeypatch.setattr(ev, "generate_samples", lambda lm, **k: events.append(("samples", lm.ref, lm.be)) or [])
@@ -196,15 +197,15 @@ def test_free_order_auto_backend(monkeypatch):
 
 def test_free_lm_releases_hf_model(embedded_dir):
     import gc, weakref
-    lm = ev.make_lm(embedded_dir, batch_size=4)
+    lm = eval_harness.make_lm(embedded_dir, batch_size=4)
     w = weakref.ref(lm.model)
-    ev.free_lm(lm); gc.collect()
+    eval_harness.free_lm(lm); gc.collect()
     assert w() is None
 
 
 def test_minimal_pairs_with_stderr(embedded_dir):
     "The minimal-pair tasks run offline and come with lm-eval's standard error, sqrt(p(1-p)/(n-1)) for an accuracy."
-    assert {s["task"] for s in ev.resolve_suite("pairs")} == {"anita_pairs_it", "anita_pairs_en"}
+    assert {s["task"] for s in eval_harness.resolve_suite("pairs")} == {"anita_pairs_it", "anita_pairs_en"}
     res = ev.evaluate(models={"base": "embedded"}, suite="anita_pairs_it", limit=40, batch_size=16, gen_max_new_tokens=0)
     m = res["models"]["base"]
     p, se = m["metrics"]["anita_pairs_it"]["acc"], m["stderr"]["anita_pairs_it"]["acc"]
@@ -218,8 +219,8 @@ def _user_task(folder) -> Path:
     (inc/"my_pairs.jsonl").write_text("".join(json.dumps(dict(split="test", good=g, bad=b)) + "\n" for g, b in
                                               [("La casa è rossa.", "La casa è rosso."), ("I gatti sono piccoli.", "I gatti è piccoli."),
                                                ("The dogs run.", "The dogs runs.")]))
-    shutil.copy(ev.evaltasks_dir()/"utils.py", inc/"my_utils.py")
-    (inc/"my_pairs.yaml").write_text((ev.evaltasks_dir()/"_anita_pairs_yaml").read_text().replace("utils.load_jsonl", "my_utils.load_jsonl")
+    shutil.copy(eval_harness.evaltasks_dir()/"utils.py", inc/"my_utils.py")
+    (inc/"my_pairs.yaml").write_text((eval_harness.evaltasks_dir()/"_anita_pairs_yaml").read_text().replace("utils.load_jsonl", "my_utils.load_jsonl")
                                      .replace("tag:\n  - anita_local\n", "") + "task: my_pairs\ndataset_kwargs:\n  data_file: my_pairs.jsonl\n")
     return inc
 
@@ -230,7 +231,7 @@ def demo(tmp_path_factory):
     import anita.sft, trl.trainer.utils as tu
     if getattr(tu, "_ChunkedLogProbFunction", None) is None and not hasattr(anita.sft, "ensure_logprob_kernel"):
         pytest.skip("TRL 1.15's fused LM head has no kernel on CPU torch here: needs the CPU log-prob fallback (issue 10)")
-    from anita.pipeline import run_recipe
+    from anita.runner import run_recipe
     root = tmp_path_factory.mktemp("runs")
     inc = _user_task(root.parent/"my_tasks")
     run_recipe("tiny", run="demo", root=root, sets=[f"eval.include={inc}", "eval.suite=local,pairs,my_pairs"], progress=False,

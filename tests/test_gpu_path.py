@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from anita import sft as S
+from anita import backends, core, merge
 from anita.core import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ class _FakeFLM:
     @classmethod
     def get_peft_model(cls, m, r=16, lora_alpha=8, lora_dropout=0.0, target_modules=None, use_rslora=False, **kw):
         from peft import get_peft_model
-        return get_peft_model(m, S.lora_config(r, lora_alpha, lora_dropout, target_modules, use_rslora))
+        return get_peft_model(m, backends.lora_config(r, lora_alpha, lora_dropout, target_modules, use_rslora))
 
 @pytest.fixture
 def fake_unsloth(monkeypatch):
@@ -45,14 +46,14 @@ def fake_unsloth(monkeypatch):
 
 def test_unsloth_loads_exactly_the_named_model_and_merges_into_it(fake_unsloth, embedded_dir, tmp_path):
     rec = {}
-    m, tok = S.load_for_training(embedded_dir, "unsloth", load_in_4bit=True, lora=dict(r=4, alpha=8), record=rec)
+    m, tok = backends.load_for_training(embedded_dir, "unsloth", load_in_4bit=True, lora=dict(r=4, alpha=8), record=rec)
     call = fake_unsloth.calls[-1]
     assert call["name"] == embedded_dir and call["use_exact_model_name"] is True and call["load_in_4bit"] is True
     assert rec["loaded"] == embedded_dir            # not unsloth's pre-quantized mirror
     with torch.no_grad():                           # give the fresh adapter a non-zero delta
         for n, p in m.named_parameters():
             if "lora_B" in n: p.normal_(0, 0.02)
-    out = S.save_merged(m, tok, tmp_path/"merged", "unsloth", rec["loaded"])
+    out = merge.save_merged(m, tok, tmp_path/"merged", "unsloth", rec["loaded"])
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = torch.tensor([[1, 400, 500, 600, 2]])
@@ -70,29 +71,29 @@ def test_unsloth_must_come_first(fake_unsloth, monkeypatch):
     monkeypatch.setattr(B, "pick_backend", lambda b, m=None: "unsloth")
     monkeypatch.delitem(sys.modules, "unsloth")
     assert "transformers" in sys.modules        # imported by the test above / conftest
-    with pytest.raises(RuntimeError, match="must be imported before"): S.prepare_backend("unsloth")
+    with pytest.raises(RuntimeError, match="must be imported before"): backends.prepare_backend("unsloth")
 
 def test_ranks_load_on_their_own_gpu(monkeypatch):
     for r in ("0", "1", "7"):
-        monkeypatch.setenv("LOCAL_RANK", r); assert S.local_device_map() == {"": int(r)}
-    monkeypatch.setenv("WORLD_SIZE", "4"); assert S.world_size() == 4
+        monkeypatch.setenv("LOCAL_RANK", r); assert backends.local_device_map() == {"": int(r)}
+    monkeypatch.setenv("WORLD_SIZE", "4"); assert backends.world_size() == 4
 
 def test_auto_refuses_cpu_for_a_large_model(tmp_path):
-    if S.device_info()["device"] == "cuda": pytest.skip("a GPU is visible")
+    if core.device_info()["device"] == "cuda": pytest.skip("a GPU is visible")
     write_json(tmp_path/"config.json", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, intermediate_size=14336, vocab_size=128256))
-    with pytest.raises(RuntimeError) as e: S.pick_backend("auto", str(tmp_path))
+    with pytest.raises(RuntimeError) as e: backends.pick_backend("auto", str(tmp_path))
     msg = str(e.value)
     assert "8.0B parameters" in msg and "torch " in msg and "backend='cpu'" in msg
-    assert S.pick_backend("cpu", str(tmp_path)) == "cpu"
-    with pytest.raises(RuntimeError, match="unknown size"): S.pick_backend("auto", "meta-llama/not-in-the-cache")
-    with pytest.raises(FileNotFoundError, match="no such"): S.pick_backend("auto", str(tmp_path/"02_sft"/"merged"))
+    assert backends.pick_backend("cpu", str(tmp_path)) == "cpu"
+    with pytest.raises(RuntimeError, match="unknown size"): backends.pick_backend("auto", "meta-llama/not-in-the-cache")
+    with pytest.raises(FileNotFoundError, match="no such"): backends.pick_backend("auto", str(tmp_path/"02_sft"/"merged"))
 
 def test_plan_matches_the_trainers_steps(embedded_dir, tmp_path):
     "The plan's optimizer steps are the ones the Trainer takes, over whole epochs, packed and not."
     import anita.data as data
     from transformers import AutoTokenizer
-    tok = S.ensure_pad_token(AutoTokenizer.from_pretrained(embedded_dir))
+    tok = core.ensure_pad_token(AutoTokenizer.from_pretrained(embedded_dir))
     ds = data.prepare_sft(str(data.sample_path("sft")), tok)
     ds = (ds[0] if isinstance(ds, tuple) else ds).select(range(10))
     for packing in (True, False):

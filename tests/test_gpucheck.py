@@ -4,6 +4,7 @@ import base64, csv, hashlib, io, json, os, subprocess, sys, zipfile
 from pathlib import Path
 import pytest
 from anita import gpucheck as G
+from anita import gpurunner, gpuwheels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +64,7 @@ def test_timeout_kills_the_whole_group(tmp_path):
                    "    p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
                    "    open(pidfile, 'w').write(str(p.pid)); time.sleep(120)\n")
     os.environ["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    try: r = G.run_part("hang", "hangmod:part", dict(pidfile=str(tmp_path/"pid")), timeout_s=5, log_dir=tmp_path)
+    try: r = gpurunner.run_part("hang", "hangmod:part", dict(pidfile=str(tmp_path/"pid")), timeout_s=5, log_dir=tmp_path)
     finally: os.environ["PYTHONPATH"] = os.environ["PYTHONPATH"].split(os.pathsep, 1)[1]
     assert r["status"] == "FAIL" and "timed out" in r["error"]
     pid = int((tmp_path/"pid").read_text())
@@ -91,7 +92,7 @@ def test_check_merge(tiny_llama3_dir, tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
     from peft import get_peft_model
-    from anita.sft import lora_config
+    from anita.backends import lora_config
     pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama3_dir), lora_config(r=4, alpha=8))
     for n, p in pm.named_parameters():
         if "lora_B" in n: torch.nn.init.normal_(p, std=0.05)
@@ -124,7 +125,7 @@ def test_slim_wheel_installs(tmp_path):
                                   "bnbx/libbitsandbytes_rocm63.so": os.urandom(200_000), "bnbx/libbitsandbytes_cuda130.dll": b"win",
                                   "bnbx/native/libfoo.dylib": b"mac", **libs})
     (tmp_path/"slim").mkdir()
-    r = G.slim_wheel(w, tmp_path/"slim", cuda="130")
+    r = gpuwheels.slim_wheel(w, tmp_path/"slim", cuda="130")
     assert r["mib"] < r["mib_before"] / 4 and len(r["dropped"]) == 8
     t = tmp_path/"site"
     p = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(t),
@@ -133,7 +134,7 @@ def test_slim_wheel_installs(tmp_path):
     assert sorted(x.name for x in (t/"bnbx").iterdir() if x.name != "__pycache__") == ["__init__.py", "libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so"]
     rec = (t/"bnbx-1.0.dist-info"/"RECORD").read_text()
     assert "cuda126" not in rec and "rocm" not in rec
-    assert G.slim_wheel(_wheel(tmp_path, "pure", {"pure/__init__.py": b""}), tmp_path/"slim")["dropped"] == []
+    assert gpuwheels.slim_wheel(_wheel(tmp_path, "pure", {"pure/__init__.py": b""}), tmp_path/"slim")["dropped"] == []
 
 def test_wheel_list(tmp_path):
     "The closure follows Requires-Dist (markers for the node's Python), leaves torch-built packages to the node, and keeps the size limit."
@@ -143,15 +144,15 @@ def test_wheel_list(tmp_path):
     big = {"pyarrow": 700_000, "scikit-learn": 900_000}
     def download(n, raw):
         return _wheel(raw, n.replace("-", "_"), {f"{n.replace('-', '_')}/x.bin": os.urandom(big.get(n, 1000))}, deps.get(n, []))
-    r = G.gpu_wheels(tmp_path/"w", present=G.parse_freeze("torch==2.11.0+cu130\ntransformers==5.17.0\naccelerate==1.15.0\nJinja2==3\nnumpy==2\n"),
+    r = gpuwheels.gpu_wheels(tmp_path/"w", present=gpuwheels.parse_freeze("torch==2.11.0+cu130\ntransformers==5.17.0\naccelerate==1.15.0\nJinja2==3\nnumpy==2\n"),
                      python_version="3.12", max_mib=1.2, download=download)
     assert set(r["carried"]) == {"trl", "datasets", "pyarrow", "dill", "pandas", "bitsandbytes", "unsloth", "unsloth-zoo"}
     assert r["left_to_node"] == ["xformers"] and r["ok"]          # torch is the node's (present), xformers too
     assert [g["group"] for g in r["left_out"]] == ["eval"] and "scikit-learn" in r["left_out"][0]["packages"]
     assert r["total_mib"] <= 1.2 and sum(f.stat().st_size for f in (tmp_path/"w").glob("*.whl"))/2**20 <= 1.2
     assert json.loads((tmp_path/"w"/"wheels.json").read_text())["carried"]["trl"]["group"] == "training"
-    assert G.wheel_requires(download("datasets", tmp_path), "3.10")[-1] == "tomli"
-    assert "tomli" not in G.wheel_requires(download("datasets", tmp_path), "3.12")
+    assert gpuwheels.wheel_requires(download("datasets", tmp_path), "3.10")[-1] == "tomli"
+    assert "tomli" not in gpuwheels.wheel_requires(download("datasets", tmp_path), "3.12")
 
 def test_slim_pyarrow_parts(tmp_path):
     "pyarrow loses Flight, headers and tests, keeps the libraries `datasets` imports (Substrait: pyarrow.lib links it)."
@@ -160,6 +161,6 @@ def test_slim_pyarrow_parts(tmp_path):
                "pyarrow/libarrow_substrait.so.2500": b"s", "pyarrow/include/arrow/api.h": b"h", "pyarrow/tests/test_x.py": b"t",
                "pyarrow/parquet/__init__.py": b"", "pyarrow/__init__.py": b""})
     (tmp_path/"slim").mkdir()
-    r = G.slim_wheel(w, tmp_path/"slim")
+    r = gpuwheels.slim_wheel(w, tmp_path/"slim")
     assert sorted(r["dropped"]) == ["pyarrow/_flight.cpython-312-x86_64-linux-gnu.so", "pyarrow/include/arrow/api.h",
                                     "pyarrow/libarrow_flight.so.2500", "pyarrow/tests/test_x.py"]

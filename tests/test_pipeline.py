@@ -3,8 +3,11 @@ import json, os, re, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import pytest
 from anita.core import read_json
-from anita.pipeline import (RecipeError, StepError, load_recipe, run_recipe, apply_sets, check_recipe_params, run_lock,
-                            list_steps, main, notebook_params, write_report)
+from anita.recipe import RecipeError, load_recipe, apply_sets, check_recipe_params, list_steps, notebook_params
+from anita.runner import StepError, run_recipe
+from anita.runstate import run_lock
+from anita.pipeline import main
+from anita.report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -420,13 +423,13 @@ def test_set_paths_from_the_callers_folder(reader, tmp_path, monkeypatch, capsys
 def test_step_notebooks_write_only_their_own_folder():
     "Item 10: the cells the pipeline runs in a step notebook (test cells too) write no folder but the step's own into the run."
     import ast
-    from anita.pipeline import _FLAG
+    from anita.runner import FLAGGED_CELL
     rec = load_recipe("tiny", ROOT/"nbs")
     for st in rec["steps"].values():
         nb = json.loads((ROOT/"nbs"/st["notebook"]).read_text(encoding="utf-8"))
         for c in nb["cells"]:
             src = "".join(c["source"])
-            if c["cell_type"] != "code" or _FLAG.search(src): continue   # flagged cells are left out of pipeline runs
+            if c["cell_type"] != "code" or FLAGGED_CELL.search(src): continue   # flagged cells are left out of pipeline runs
             for m in re.finditer(r"run_dir\(\s*run\s*,\s*([^,)]+)", src):
                 assert ast.literal_eval(m.group(1)) == st["dir"], f"{st['notebook']}: a cell writes {m.group(0)}... into the run folder"
 
@@ -477,7 +480,7 @@ def test_every_step_folder_renamed_real_steps(tmp_path):
     not by folder names) and its held-out figures reach the report and `compare`. No step writes into another step's folder,
     and a second run right after skips all six steps and changes no step folder (issue 21, item 1)."""
     import yaml
-    from anita.eval import compare
+    from anita.eval_paper import compare
     tiny = yaml.safe_load((ROOT/"anita"/"recipes"/"tiny.yaml").read_text())
     assert list(tiny["steps"]) == list(RENAMED)
     for n, d in RENAMED.items(): tiny["steps"][n]["dir"] = d

@@ -4,7 +4,8 @@ failed in CI when rank 1 planned DPO from a state rank 0 was still writing (its 
 import itertools, json
 import pytest
 import anita.runner as R
-from anita.pipeline import run_recipe
+from anita import recipe
+from anita.runner import run_recipe
 
 class DictStore:
     "What the runner uses of a `torch.distributed.Store`: `set` a str, `get` bytes (a missing key is an error here)."
@@ -46,6 +47,6 @@ def test_other_ranks_follow_rank0(ranks, tmp_path):
 def test_several_processes_need_torchrun(monkeypatch, tmp_path):
     "WORLD_SIZE > 1 without torchrun's agent store: a clear error before anything runs."
     monkeypatch.setenv("WORLD_SIZE", "2"); monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
-    with pytest.raises(R.UsageError, match="torchrun --nproc_per_node"):
+    with pytest.raises(recipe.UsageError, match="torchrun --nproc_per_node"):
         run_recipe("tiny", run="r", root=tmp_path, steps="data", log=lambda s: None)
     assert not (tmp_path/"r").exists()

@@ -2,8 +2,9 @@
 import ast, json
 from pathlib import Path
 import pytest
-from anita.pipeline import main, load_recipe, apply_sets
-from anita.recipe import check_range, _params_cell
+from anita.pipeline import main
+from anita.recipe import load_recipe, apply_sets
+from anita.recipe import check_range, params_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,7 @@ def test_every_default_passes_the_rules():
     "The general rules refuse no default of any notebook's parameters cell, nor any value of the shipped recipes."
     n = 0
     for nb in sorted((ROOT/"nbs").glob("*.ipynb")):
-        src = _params_cell(nb)
+        src = params_cell(nb)
         for node in ast.parse(src or "").body:
             if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
                 name = (node.targets[0] if isinstance(node, ast.Assign) else node.target).id

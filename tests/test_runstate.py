@@ -6,7 +6,7 @@ import json, os, signal, time
 from pathlib import Path
 import pytest
 from anita.core import read_json, write_json
-from anita.pipeline import run_recipe
+from anita.runner import run_recipe
 from test_pipeline import fake, reader, fake_nb, _cli   # noqa: F401 (fixtures)
 
 def _run(y, tmp_path, **kw):
@@ -109,7 +109,7 @@ def test_a_notebook_that_reports_no_outputs_is_not_completed(fake, tmp_path):
     fake_nb(fake/"01_data.ipynb", 'run = "nbtest"\nroot = "runs"\nn = 2', '''
         from anita.core import run_dir, write_json
         write_json(run_dir(run, "01_data", root)/"report.json", dict(rows=n))''')
-    from anita.pipeline import StepError
+    from anita.runner import StepError
     with pytest.raises(StepError, match="did not write an `outputs-written` manifest"):
         _run(fake/"recipe.yaml", tmp_path, steps="data")
     assert read_json(tmp_path/"runs"/"r"/"01_data"/"manifest.json")["status"] == "failed"

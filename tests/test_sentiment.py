@@ -2,8 +2,9 @@
 import json, subprocess, sys
 from pathlib import Path
 import pytest
-from anita.sentiment import (LABELS, UNPARSEABLE, load_fpb, balanced_split, parse_sentiment, sentiment_metrics, sentiment_prompt,
-                             find_data, FPB_FILE, FPB_SAMPLE, REFERENCE)
+from anita.sentiment import (LABELS, UNPARSEABLE, load_fpb, balanced_split, parse_sentiment, sentiment_metrics,
+                             sentiment_prompt, FPB_FILE, FPB_SAMPLE, REFERENCE)
+from anita.core import find_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -275,8 +275,8 @@ def test_api_key(server):
 def test_gguf_with_llama_cpp():
     "The GGUF file shipped with the embedded model, served by llama.cpp (needs llama-cpp-python)."
     pytest.importorskip("llama_cpp")
-    from anita.core import _smollm2_pkg_dir, SMOLLM2_GGUF
-    p, port, health = _start("--model", str(_smollm2_pkg_dir()/SMOLLM2_GGUF))
+    from anita.core import smollm2_pkg_dir, SMOLLM2_GGUF
+    p, port, health = _start("--model", str(smollm2_pkg_dir()/SMOLLM2_GGUF))
     try:
         assert health["backend"] == "llama.cpp" and health["parallel"] == 1
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)

@@ -332,7 +332,10 @@ def test_multinode_torchrun_command_line(fake_slurm, tmp_path):
 def test_array_shards_run_and_gather(tmp_path):
     "What the array tasks run: each shard executes the step's notebook with its value into its own folder; the report job gathers them."
     from test_pipeline import fake_nb
-    from anita.pipeline import run_recipe, gather_shards, load_recipe, write_report
+    from anita.runner import run_recipe
+    from anita.runstate import gather_shards
+    from anita.recipe import load_recipe
+    from anita.report import write_report
     d = tmp_path/"nbs"; d.mkdir()
     fake_nb(d/"05_eval.ipynb", 'run = "nbtest"\nroot = "runs"\nsuite = "local"', '''
         from anita.core import run_dir, step_manifest
@@ -342,7 +345,7 @@ def test_array_shards_run_and_gather(tmp_path):
     (d/"r.yaml").write_text("nbs_dir: .\nsteps:\n  eval:\n    notebook: 05_eval.ipynb\n"
                             "    shards: {param: suite, values: [paper_en, paper_it]}\n")
     rd = tmp_path/"runs"/"a"
-    from anita.pipeline import run_lock
+    from anita.runstate import run_lock
     with run_lock(rd):      # the array's tasks run at once: a task holding the run's lock does not stop the other one
         for i in (0, 1):
             assert run_recipe(d/"r.yaml", run="a", root=tmp_path/"runs", steps="eval", shard=i, progress=False, log=lambda s: None) == {"eval": "ran"}

@@ -6,7 +6,7 @@ import ast, json
 from dataclasses import fields
 from pathlib import Path
 import pytest, yaml
-from anita.sft import SFTStepConfig, TRL_NAMES, SOURCES, step_config, notebook_config
+from anita.trainconfig import SFTStepConfig, TRL_NAMES, SOURCES, step_config, notebook_config
 from anita.dpo import DPOStepConfig
 from anita.ita import ITAStepConfig
 

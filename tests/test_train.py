@@ -6,6 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from anita.core import write_json, ANITA_SYSTEM_PROMPT
 from anita import sft as S
+from anita import backends, batching, core, trainconfig
 
 FAST = dict(backend="cpu", max_length=64, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=0, optim="adamw_torch",
             lora_r=4, lora_alpha=8, logging_steps=1, save_steps=50, gradient_checkpointing=False)
@@ -13,7 +14,7 @@ FAST = dict(backend="cpu", max_length=64, batch_size=2, grad_accum=1, lr=1e-3, w
 _TOKS = {}
 def _tok(d):
     from transformers import AutoTokenizer
-    if d not in _TOKS: _TOKS[d] = S.ensure_pad_token(AutoTokenizer.from_pretrained(d))
+    if d not in _TOKS: _TOKS[d] = core.ensure_pad_token(AutoTokenizer.from_pretrained(d))
     return _TOKS[d]
 
 def _data(kind, tok, **kw):
@@ -38,13 +39,13 @@ def test_completion_only_mask(which, tiny_llama3_dir, embedded_dir):
     msgs = [dict(role="system", content=ANITA_SYSTEM_PROMPT), dict(role="user", content="Qual è la capitale d'Italia?")]
     p = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ds = Dataset.from_dict(dict(prompt=[p], completion=["Roma." + eot]))
-    tds, rep = S.tokenize_lm(ds, tok, max_length=512)
+    tds, rep = batching.tokenize_lm(ds, tok, max_length=512)
     row = tds[0]
     assert _trained(tok, row) == "Roma." + eot                      # answer + one end-of-turn token trained
     header = "<|start_header_id|>assistant<|end_header_id|>\n\n" if which == "llama3" else "<|im_start|>assistant\n"
     n_prompt = sum(l == -100 for l in row["labels"])
     assert tok.decode(row["input_ids"][:n_prompt]).endswith(header)  # role headers not trained
-    assert S.token_checks(tds, tok) == dict(examples=1, doubled_bos=0, not_one_eot=0)
+    assert batching.token_checks(tds, tok) == dict(examples=1, doubled_bos=0, not_one_eot=0)
     if which == "llama3":
         bos, eot_id = _ids(tok)
         assert row["input_ids"][0] == bos and row["input_ids"][1] != bos
@@ -55,24 +56,24 @@ def test_sample_tokens_llama3(tiny_llama3_dir):
     from datasets import Dataset
     tok = _tok(tiny_llama3_dir)
     ds = _data("sft", tok)
-    tds, rep = S.tokenize_lm(ds, tok, max_length=4096)
-    assert S.token_checks(tds, tok) == dict(examples=len(ds), doubled_bos=0, not_one_eot=0)
+    tds, rep = batching.tokenize_lm(ds, tok, max_length=4096)
+    assert batching.token_checks(tds, tok) == dict(examples=len(ds), doubled_bos=0, not_one_eot=0)
     bos, _ = _ids(tok)
     assert all(r[0] == bos and r[1] != bos for r in tds["input_ids"])
     # a doubled BOS in the text, or none, still gives exactly one
     d2 = Dataset.from_dict(dict(prompt=["<|begin_of_text|><|begin_of_text|>Hi", "Hi"], completion=["Yo", "Yo<|eot_id|><|eot_id|>"]))
-    t2, _ = S.tokenize_lm(d2, tok, max_length=64)
+    t2, _ = batching.tokenize_lm(d2, tok, max_length=64)
     assert [r[:2] for r in t2["input_ids"]] == [[bos, t2[0]["input_ids"][1]]]*2 and t2[0]["input_ids"][1] != bos
-    assert S.token_checks(t2, tok)["not_one_eot"] == 0
+    assert batching.token_checks(t2, tok)["not_one_eot"] == 0
 
 def test_bad_input(embedded_dir):
     from datasets import Dataset
     tok = _tok(embedded_dir)
-    with pytest.raises(ValueError, match="empty"): S.tokenize_lm(Dataset.from_dict(dict(text=[])), tok)
-    with pytest.raises(ValueError, match="expected `prompt`"): S.tokenize_lm(Dataset.from_dict(dict(instruction=["a"])), tok)
-    with pytest.raises(ValueError, match="row 1"): S.tokenize_lm(Dataset.from_dict(dict(text=["ok", ""])), tok)
+    with pytest.raises(ValueError, match="empty"): batching.tokenize_lm(Dataset.from_dict(dict(text=[])), tok)
+    with pytest.raises(ValueError, match="expected `prompt`"): batching.tokenize_lm(Dataset.from_dict(dict(instruction=["a"])), tok)
+    with pytest.raises(ValueError, match="row 1"): batching.tokenize_lm(Dataset.from_dict(dict(text=["ok", ""])), tok)
     ds = Dataset.from_dict(dict(text=["parola " * 100, "breve"]))
-    tds, rep = S.tokenize_lm(ds, tok, max_length=32)
+    tds, rep = batching.tokenize_lm(ds, tok, max_length=32)
     assert rep["truncated"] == 1 and max(len(r) for r in tds["input_ids"]) == 32
     from anita.dpo import check_pairs
     with pytest.raises(ValueError, match="missing"): check_pairs(Dataset.from_dict(dict(prompt=["a"], chosen=["b"])), tok)
@@ -83,7 +84,7 @@ def test_packing_no_cross_contamination(tiny_llama3_dir):
     "Packed (padding-free, position_ids) logits of the model as trained equal those of each sequence alone; real-token fraction >= 98%."
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     tok = _tok(tiny_llama3_dir)
-    m, _ = S.load_for_training(tiny_llama3_dir, "cpu", lora=dict(r=4))
+    m, _ = backends.load_for_training(tiny_llama3_dir, "cpu", lora=dict(r=4))
     m.train()   # training mode, as in the trainer (dropout 0)
     bos, eot = _ids(tok)
     words = lambda s: tok(s, add_special_tokens=False)["input_ids"]
@@ -100,8 +101,8 @@ def test_packing_no_cross_contamination(tiny_llama3_dir):
     assert torch.allclose(packed[:len(a)], la, atol=1e-5) and torch.allclose(packed[len(a):], lb, atol=1e-5)
     assert not torch.allclose(naive[len(a):], lb, atol=1e-3)
     assert not torch.allclose(cached[len(a):], lb, atol=1e-3)  # why load_for_training turns use_cache off
-    tds, _ = S.tokenize_lm(_data("sft", tok), tok, max_length=512)
-    st = S.batch_stats(tds, tok, 512, 4)
+    tds, _ = batching.tokenize_lm(_data("sft", tok), tok, max_length=512)
+    st = batching.batch_stats(tds, tok, 512, 4)
     assert st["packed"]["mean"] >= 0.98 and st["packed"]["min"] >= 0.98
     assert st["padded"]["mean"] < st["packed"]["mean"]
     assert st["packed_rows"] < st["rows"]
@@ -125,7 +126,7 @@ def test_chain_tiny_llama3(tiny_llama3_dir, tmp_path):
         assert (tmp_path/"02_sft"/f).exists(), f
     assert len(json.loads((tmp_path/"02_sft"/"train_log.json").read_text())) == 3
     assert "base_model:" in (tmp_path/"02_sft"/"README.md").read_text()
-    assert len(rep["generations"]) == len(S.GEN_PROMPTS)
+    assert len(rep["generations"]) == len(trainconfig.GEN_PROMPTS)
     # merge: merged weights == base + adapter
     x = torch.tensor([[_ids(tok)[0], *tok("The quick brown", add_special_tokens=False)["input_ids"]]])
     base = AutoModelForCausalLM.from_pretrained(tiny_llama3_dir, dtype=torch.float32)
@@ -179,10 +180,11 @@ from anita.data import prepare_sft, sample_path
 from transformers import AutoTokenizer
 slow = float(sys.argv[3])
 if slow:
-    _orig = S.AnitaTrainerMixin.training_step
+    from anita.trainers import AnitaTrainerMixin
+    _orig = AnitaTrainerMixin.training_step
     def _slow(self, *a, **k):
         time.sleep(slow); return _orig(self, *a, **k)
-    S.AnitaTrainerMixin.training_step = _slow
+    AnitaTrainerMixin.training_step = _slow
 tok = AutoTokenizer.from_pretrained(sys.argv[1])
 ds = prepare_sft(str(sample_path("sft")), tok)
 r = S.train_sft(sys.argv[1], ds, sys.argv[2], generate=False, merge=False,

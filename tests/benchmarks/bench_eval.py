@@ -6,7 +6,7 @@ installed) on the same task set. Not a test (no timed assertions); prints a tabl
     python tests/benchmarks/bench_eval.py --model meta-llama/Meta-Llama-3-8B-Instruct --suite paper --limit 200   # GPU
 
 On CPU, `auto` is lm-eval's batch-size detection with `--max-length` capping the probe (lm-eval otherwise probes
-generation batches at the model's full context, see `anita.eval.effective_batch_size`).
+generation batches at the model's full context, see `anita.eval_harness.effective_batch_size`).
 """
 import argparse, json, os, sys, time
 from pathlib import Path
@@ -17,20 +17,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def bench(model, suite, backend, batch_size, limit, max_length, repeats=1, per_task=False):
     from anita import eval as ev
-    specs = ev.resolve_suite(suite)
+    from anita import eval_harness
+    specs = eval_harness.resolve_suite(suite)
     t0 = time.time()
-    lm = ev.make_lm(model, backend, batch_size=batch_size, max_length=max_length)
+    lm = eval_harness.make_lm(model, backend, batch_size=batch_size, max_length=max_length)
     load_s = time.time() - t0
     best = None
     for _ in range(repeats):
         t = time.time()
-        raw = ev.run_lm_eval(lm, specs, limit=limit)
+        raw = eval_harness.run_lm_eval(lm, specs, limit=limit)
         dt = time.time() - t
         best = dt if best is None else min(best, dt)
     n = sum(v["effective"] for v in raw["n-samples"].values())
     per_task = {}
     for s in (specs if per_task else []):  # per task: log-likelihood vs generation
-        t = time.time(); r = ev.run_lm_eval(lm, [s], limit=limit); per_task[s["task"]] = round(time.time() - t, 2)
+        t = time.time(); r = eval_harness.run_lm_eval(lm, [s], limit=limit); per_task[s["task"]] = round(time.time() - t, 2)
     bs = getattr(lm, "batch_size", batch_size)
     del lm
     return dict(backend=backend, batch_size=str(batch_size), detected=str(bs), docs=n, load_s=round(load_s, 2),
@@ -48,10 +49,11 @@ def main(argv=None):
     import torch
     from anita.core import device_info
     from anita import eval as ev
+    from anita import eval_harness
     dev = device_info()
     max_length = a.max_length or (512 if dev["device"] == "cpu" else None)
     limit = int(a.limit) if a.limit and a.limit >= 1 else a.limit
-    cases = [("hf", int(b) if b.isdigit() else b) for b in a.batch_sizes.split(",")] + ([("vllm", "auto")] if ev._has_vllm() and dev["device"] == "cuda" else [])
+    cases = [("hf", int(b) if b.isdigit() else b) for b in a.batch_sizes.split(",")] + ([("vllm", "auto")] if eval_harness.has_vllm() and dev["device"] == "cuda" else [])
     rows = []
     for be, bs in cases:
         r = bench(a.model, a.suite, be, bs, limit, max_length, a.repeats, a.per_task); rows.append(r)

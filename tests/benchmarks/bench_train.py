@@ -53,7 +53,8 @@ def run_trl(a, tok, d):
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
     from anita.core import resolve_model
-    from anita.sft import LORA_TARGETS, ensure_logprob_kernel
+    from anita.trainconfig import LORA_TARGETS
+    from anita.backends import ensure_logprob_kernel
     ensure_logprob_kernel()  # TRL 1.15 on a CPU torch has no Triton kernel for its fused LM head (a no-op on GPU)
     c, path, gpu = _common(a), resolve_model(a.model), a.backend != "cpu"
     peft_config = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
@@ -98,7 +99,8 @@ def run_dpo(a, tok, d):
 
 def worker(a):
     from transformers import AutoTokenizer
-    from anita.sft import require_model_input, ensure_pad_token
+    from anita.backends import require_model_input
+    from anita.core import ensure_pad_token
     tok = ensure_pad_token(AutoTokenizer.from_pretrained(require_model_input(a.model)))
     with tempfile.TemporaryDirectory() as d:
         r = dict(trl=run_trl, anita=run_anita, dpo=run_dpo)[a.impl](a, tok, d)
