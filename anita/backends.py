@@ -20,13 +20,15 @@ __all__ = ['CPU_MAX_PARAMS', 'PATCHED_BY_UNSLOTH', 'DDP_TIMEOUT_S', 'has_module'
 # %% ../nbs/02c_backends.ipynb #8beb8558
 def has_module(mod): return importlib_util.find_spec(mod) is not None
 
+# %% ../nbs/02c_backends.ipynb #8ac999dc
 CPU_MAX_PARAMS = 2_000_000_000  # `auto` trains larger models on a GPU only
 
 def _model_config(model:str) -> dict|None:
     "`config.json` of a local folder, an alias, or a Hub id already in the local cache (no download); None if not found."
     local = str(model).startswith((".", "/", "~")) or Path(str(model)).name == "merged"   # a path, or a step's output
     if local and not Path(str(model)).expanduser().exists():
-        raise FileNotFoundError(f"model={model}: no such folder; run the previous step first (its `merged/` output is missing)")
+        raise FileNotFoundError(f"model={model}: no such folder; "
+                                "run the previous step first (its `merged/` output is missing)")
     p = Path(resolve_model(str(model))).expanduser()
     if p.is_dir(): f = p/"config.json"
     else:
@@ -38,6 +40,7 @@ def _model_config(model:str) -> dict|None:
     f = Path(f)
     return json.loads(f.read_text()) if f.exists() else None
 
+# %% ../nbs/02c_backends.ipynb #87556b93
 def estimate_params(model:str) -> int|None:
     "Parameter count of a decoder-only transformer from its `config.json` (embeddings, attention, MLP); None if unknown."
     c = _model_config(model)
@@ -53,19 +56,23 @@ def estimate_params(model:str) -> int|None:
     emb = v*h*(1 if c.get("tie_word_embeddings") else 2)
     return int(emb + n*(attn + 3*h*inter))
 
+# %% ../nbs/02c_backends.ipynb #23bf7e79
 def cuda_diagnosis() -> str:
     "Why CUDA may be unusable here: the torch build, the driver `nvidia-smi` reports, and how to choose another build."
     import torch
-    build = f"torch {torch.__version__} (" + (f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build") + ")"
+    build = (f"torch {torch.__version__} ("
+             + (f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build") + ")")
     drv = "no `nvidia-smi` on PATH (no NVIDIA driver visible)"
     if shutil.which("nvidia-smi"):
         import subprocess
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+        r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True)
         drv = f"nvidia-smi: {r.stdout.strip() or r.stderr.strip() or 'no GPU listed'}"
     return (f"{build}; {drv}. A CUDA build needs a driver at least as new as its CUDA version (CUDA 13.0: R580+). "
             "Install the torch build that matches your driver's CUDA version (e.g. `make install TORCH='torch==2.13.0' "
             "PIP_EXTRA_INDEX_URL=<the PyTorch wheel index for cu126/cu128>`), or ask for `backend='cpu'` explicitly.")
 
+# %% ../nbs/02c_backends.ipynb #3f48de85
 def pick_backend(backend:str="auto", # auto | unsloth | hf | cpu
                  model:str=None      # the model to train: `auto` refuses the CPU for one over `CPU_MAX_PARAMS`
                 ) -> str:
@@ -84,8 +91,8 @@ def pick_backend(backend:str="auto", # auto | unsloth | hf | cpu
         n = estimate_params(model) if choice == "cpu" and model is not None else 0
         if n is None or n > CPU_MAX_PARAMS:
             size = "of unknown size (no config.json found locally)" if n is None else f"with ~{n/1e9:.1f}B parameters"
-            raise RuntimeError(f"backend='auto' found no usable CUDA GPU, and model={model!r} is {size}: refusing to train "
-                               f"it on the CPU. {cuda_diagnosis()}")
+            raise RuntimeError(f"backend='auto' found no usable CUDA GPU, and model={model!r} is {size}: "
+                               f"refusing to train it on the CPU. {cuda_diagnosis()}")
         print(f"backend=auto -> {choice} (cuda={cuda}, unsloth={'installed' if has_module('unsloth') else 'absent'}"
               + (f", {n_proc} processes: DDP with hf or cpu)" if n_proc > 1 else ")"))
         return choice
@@ -94,7 +101,6 @@ def pick_backend(backend:str="auto", # auto | unsloth | hf | cpu
     if backend == "unsloth" and not has_module("unsloth"):
         raise ModuleNotFoundError("backend='unsloth' needs the `gpu` extra (pip install 'anita[gpu]')")
     return backend
-
 
 # %% ../nbs/02c_backends.ipynb #c1cc4c5b
 PATCHED_BY_UNSLOTH = ("transformers", "trl", "peft")
@@ -105,6 +111,7 @@ def import_order_problems(modules=None) -> list:
     mods = sys.modules if modules is None else modules
     return [] if "unsloth" in mods else [m for m in PATCHED_BY_UNSLOTH if m in mods]
 
+# %% ../nbs/02c_backends.ipynb #afc3f9b3
 def prepare_backend(backend:str="auto", # auto | unsloth | hf | cpu
                     model:str=None     # the model to train (see `pick_backend`)
                    ) -> str:
@@ -112,9 +119,10 @@ def prepare_backend(backend:str="auto", # auto | unsloth | hf | cpu
     b = pick_backend(backend, model)
     if b == "unsloth":
         late = import_order_problems()
-        if late: raise RuntimeError(f"backend='unsloth' must be imported before {', '.join(late)}, which this process has "
-                                    "already imported: call `prepare_backend` first (in a notebook, restart the kernel and "
-                                    "run it in the cell after the parameters)")
+        if late:
+            raise RuntimeError(f"backend='unsloth' must be imported before {', '.join(late)}, which this process "
+                               "has already imported: call `prepare_backend` first (in a notebook, restart the "
+                               "kernel and run it in the cell after the parameters)")
         import unsloth  # noqa: F401  (patches transformers, trl and peft)
     return b
 
@@ -126,7 +134,8 @@ def require_model_input(model:str # Hub id, alias, or local folder (a previous s
     step_dir = p.parent if p.name == "merged" else None
     if step_dir is not None or (str(model).startswith((".", "/", "~")) or p.exists()):
         if not p.exists():
-            raise FileNotFoundError(f"model={model}: no such folder; run the previous step first (its `merged/` output is missing)")
+            raise FileNotFoundError(f"model={model}: no such folder; "
+                                    "run the previous step first (its `merged/` output is missing)")
         if step_dir is not None:
             mf = step_dir/"manifest.json"
             if not mf.exists(): raise FileNotFoundError(f"{mf}: missing: the previous step did not finish; rerun it")
@@ -143,17 +152,20 @@ def lora_config(r:int=TrainStepConfig.lora_r, alpha:int=TrainStepConfig.lora_alp
                 use_rslora:bool=TrainStepConfig.use_rslora):
     "A peft `LoraConfig` for causal-LM training (defaults: `TrainStepConfig`'s)."
     from peft import LoraConfig
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), use_rslora=use_rslora,
-                      bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                      use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM")
 
+# %% ../nbs/02c_backends.ipynb #bee5b860
 def local_device_map() -> dict:
     "`device_map` putting the whole model on this process's GPU: `LOCAL_RANK` under torchrun/accelerate, else GPU 0."
     return {"": int(os.environ.get("LOCAL_RANK", 0))}
 
+# %% ../nbs/02c_backends.ipynb #31a65ee2
 def world_size() -> int:
     "Number of training processes (`WORLD_SIZE` under torchrun/accelerate, else 1)."
     return int(os.environ.get("WORLD_SIZE", 1))
 
+# %% ../nbs/02c_backends.ipynb #7d04d5a0
 def pick_attn(backend:str, requested:str="auto") -> str|None:
     "Attention implementation for `backend`: FlashAttention-2 for packed rows on a GPU when installed, else SDPA; unsloth's own."
     if requested != "auto": return requested
@@ -170,12 +182,14 @@ def load_for_training(model:str, backend:str="cpu", load_in_4bit:bool=TrainStepC
                       record:dict=None):
     "Load exactly `model` (checked by `require_model_input`) with a fresh LoRA adapter; `record['loaded']` names what was loaded."
     path, lora, record = require_model_input(model), dict(lora or {}), {} if record is None else record
-    seed_everything(seed); record["loaded"] = path
+    seed_everything(seed)
+    record["loaded"] = path
     if backend == "unsloth":
         from unsloth import FastLanguageModel
         kw = dict(device_map=local_device_map()) if "LOCAL_RANK" in os.environ else {}
-        m, tok = FastLanguageModel.from_pretrained(path, max_seq_length=max_length, load_in_4bit=load_in_4bit, dtype=None,
-                    use_exact_model_name=True, on_model_resolved=lambda name: record.update(loaded=str(name)), **kw)
+        m, tok = FastLanguageModel.from_pretrained(path, max_seq_length=max_length, load_in_4bit=load_in_4bit,
+                    dtype=None, use_exact_model_name=True,
+                    on_model_resolved=lambda name: record.update(loaded=str(name)), **kw)
         lc = lora_config(**lora)
         m = FastLanguageModel.get_peft_model(m, r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
                 target_modules=sorted(lc.target_modules), use_rslora=lc.use_rslora, bias="none", random_state=seed,
@@ -214,10 +228,12 @@ def init_distributed(gpu:bool=False # NCCL on this process's GPU (`LOCAL_RANK`),
         dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=DDP_TIMEOUT_S))
     return True
 
+# %% ../nbs/02c_backends.ipynb #ed98ef3e
 def _group() -> bool:
     import torch.distributed as dist
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+# %% ../nbs/02c_backends.ipynb #884d98f4
 def on_rank0(fn):
     "`fn()` run on rank 0 only, its result given to every rank; its error is raised on every rank."
     if not _group(): return fn()
@@ -232,6 +248,7 @@ def on_rank0(fn):
     if kind == "error": raise RuntimeError(f"rank 0 failed: {val}")
     return val
 
+# %% ../nbs/02c_backends.ipynb #3e319d36
 def all_ranks(x) -> list:
     "`x` of every training process, in rank order (`[x]` with one process)."
     if not _group(): return [x]
@@ -261,9 +278,11 @@ class TorchLogProbs:
             top1 = (z.argmax(-1) == targets) if "is_top1" in outputs else None
         return lp, ent, sq, mean, top1
 
+# %% ../nbs/02c_backends.ipynb #5444ed8e
 def ensure_logprob_kernel() -> str:
     "Give TRL's fused LM head a log-prob function: its Triton kernel when available, else `TorchLogProbs`; returns which."
     import trl.trainer.utils as tu
     if getattr(tu, "_ChunkedLogProbFunction", None) is None or tu._ChunkedLogProbFunction is TorchLogProbs:
-        tu._ChunkedLogProbFunction = TorchLogProbs; return "torch"
+        tu._ChunkedLogProbFunction = TorchLogProbs
+        return "torch"
     return "triton"

@@ -17,6 +17,7 @@ __all__ = ['adds_bos', 'tokenize_lm', 'token_checks', 'batch_stats', 'cpu_bf16',
 def adds_bos(tok) -> bool:
     return tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id]
 
+# %% ../nbs/02d_batching.ipynb #dc624f32
 def _fix_ends(ids, tok, lead=True, tail=True):
     bos, eot = tok.bos_token_id, tok.eos_token_id
     if lead and bos is not None:
@@ -28,6 +29,7 @@ def _fix_ends(ids, tok, lead=True, tail=True):
         ids = ids + [eot]
     return ids
 
+# %% ../nbs/02d_batching.ipynb #eacc6055
 def tokenize_lm(ds,                # `datasets.Dataset` with `prompt`+`completion`, or `text`
                 tok,               # the tokenizer
                 max_length:int=TrainStepConfig.max_length, # longer sequences are truncated (counted in the report)
@@ -39,26 +41,35 @@ def tokenize_lm(ds,                # `datasets.Dataset` with `prompt`+`completio
     if len(ds) == 0: raise ValueError("training dataset is empty (0 rows)")
     pc = {"prompt", "completion"} <= cols
     if not pc and "text" not in cols:
-        raise ValueError(f"training dataset has columns {sorted(cols)}: expected `prompt` and `completion` (SFT) or `text` (Italian adaptation)")
+        raise ValueError(f"training dataset has columns {sorted(cols)}: expected `prompt` and `completion` (SFT) "
+                         "or `text` (Italian adaptation)")
     completion_only = pc if completion_only is None else completion_only
-    out, rep = dict(input_ids=[], labels=[]), dict(rows=len(ds), truncated=0, dropped_prompt_too_long=0, tokens=0, trained_tokens=0)
+    out, rep = (dict(input_ids=[], labels=[]),
+                dict(rows=len(ds), truncated=0, dropped_prompt_too_long=0, tokens=0, trained_tokens=0))
     for i, r in enumerate(ds):
         fields = ("prompt", "completion") if pc else ("text",)
         for f in fields:
-            if not isinstance(r[f], str) or not r[f].strip(): raise ValueError(f"row {i}: `{f}` is empty or not a string ({r[f]!r:.60})")
+            if not isinstance(r[f], str) or not r[f].strip():
+                raise ValueError(f"row {i}: `{f}` is empty or not a string ({r[f]!r:.60})")
         if pc:
             p = _fix_ends(tok(r["prompt"], add_special_tokens=False)["input_ids"], tok, tail=False)
             c = _fix_ends(tok(r["completion"], add_special_tokens=False)["input_ids"], tok, lead=False)
             ids, lab = p + c, ([-100]*len(p) if completion_only else p) + c
         else:
-            ids = _fix_ends(tok(r["text"], add_special_tokens=False)["input_ids"], tok); lab = list(ids)
+            ids = _fix_ends(tok(r["text"], add_special_tokens=False)["input_ids"], tok)
+            lab = list(ids)
         if len(ids) > max_length:
             ids, lab = ids[:max_length], lab[:max_length]
-            if all(l == -100 for l in lab[1:]): rep["dropped_prompt_too_long"] += 1; continue
+            if all(l == -100 for l in lab[1:]):
+                rep["dropped_prompt_too_long"] += 1
+                continue
             rep["truncated"] += 1
-        out["input_ids"].append(ids); out["labels"].append(lab)
-        rep["tokens"] += len(ids); rep["trained_tokens"] += sum(l != -100 for l in lab[1:])
-    if not out["input_ids"]: raise ValueError(f"no trainable rows left: all {len(ds)} prompts are longer than max_length={max_length}")
+        out["input_ids"].append(ids)
+        out["labels"].append(lab)
+        rep["tokens"] += len(ids)
+        rep["trained_tokens"] += sum(l != -100 for l in lab[1:])
+    if not out["input_ids"]:
+        raise ValueError(f"no trainable rows left: all {len(ds)} prompts are longer than max_length={max_length}")
     rep["kept"] = len(out["input_ids"])
     return Dataset.from_dict(out), rep
 
@@ -82,9 +93,12 @@ def batch_stats(ds,               # tokenized dataset (`input_ids`, `labels`)
         fs, fill = [], []
         for i in range(0, len(rows), batch_size):
             exs = [rows[j] for j in range(i, min(i+batch_size, len(rows)))]
-            b = coll(exs); real = sum(len(e["input_ids"]) for e in exs)
-            fs.append(real/b["input_ids"].numel()); fill.append(real/(len(exs)*max_length))
-        return dict(mean=round(sum(fs)/len(fs), 4), min=round(min(fs), 4), fill=round(sum(fill)/len(fill), 4), batches=len(fs))
+            b = coll(exs)
+            real = sum(len(e["input_ids"]) for e in exs)
+            fs.append(real/b["input_ids"].numel())
+            fill.append(real/(len(exs)*max_length))
+        return dict(mean=round(sum(fs)/len(fs), 4), min=round(min(fs), 4), fill=round(sum(fill)/len(fill), 4),
+                    batches=len(fs))
     base = ds.select_columns(["input_ids", "labels"])
     packed = pack_dataset(base, max_length, "bfd")
     return dict(packed=frac(packed, True), padded=frac(base, False), packed_rows=len(packed), rows=len(base))
@@ -94,29 +108,35 @@ def cpu_bf16() -> bool:
     "Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast is faster than fp32."
     import torch
     c = getattr(torch, "cpu", None)
-    return bool(c and ((getattr(c, "_is_avx512_bf16_supported", lambda: False)()) or getattr(c, "_is_amx_tile_supported", lambda: False)()))
+    return bool(c and ((getattr(c, "_is_avx512_bf16_supported", lambda: False)())
+                       or getattr(c, "_is_amx_tile_supported", lambda: False)()))
 
+# %% ../nbs/02d_batching.ipynb #6ac42ef7
 def uses_bf16(backend:str, bf16=None) -> bool:
     "bf16 mixed precision for `backend`: on a GPU where supported, fp32 on the CPU; `bf16=True`/`False` forces it."
     if bf16 is not None: return bool(bf16)
     return device_info()["bf16"] if backend in ("unsloth", "hf") else False
 
+# %% ../nbs/02d_batching.ipynb #8f4c95ee
 def packed_micro_batch(micro_batch_tokens:int|None, max_length:int) -> int:
     "Packed rows of `max_length` tokens per micro-batch: `micro_batch_tokens // max_length`, at least one."
     return max(1, (micro_batch_tokens or max_length) // max_length)
 
+# %% ../nbs/02d_batching.ipynb #faa3bbd3
 def _timing_batches(tds, tok, max_length:int, batch_size:int, packed_batch:int, n_batches:int) -> dict:
     "The first `n_batches` collated micro-batches of `tds`: packed (bfd, padding-free, `packed_batch` rows) and padded."
     from trl.data_utils import pack_dataset
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
     base = tds.select_columns(["input_ids", "labels"])
-    rows, size = dict(packed=pack_dataset(base, max_length, "bfd"), padded=base), dict(packed=packed_batch, padded=batch_size)
+    rows, size = (dict(packed=pack_dataset(base, max_length, "bfd"), padded=base),
+                  dict(packed=packed_batch, padded=batch_size))
     out = {}
     for k, free in (("packed", True), ("padded", False)):
         coll, r, b = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=free), rows[k], size[k]
         out[k] = [coll([r[j] for j in range(i*b, min((i+1)*b, len(r)))]) for i in range(min(n_batches, -(-len(r)//b)))]
     return out
 
+# %% ../nbs/02d_batching.ipynb #d78360b7
 def _step_tokens(model, b:dict, bf16:bool) -> int:
     "One forward and backward pass on collated batch `b`, gradients dropped; returns its real tokens."
     import torch
@@ -128,7 +148,6 @@ def _step_tokens(model, b:dict, bf16:bool) -> int:
     model.zero_grad(set_to_none=True)
     if dev.type == "cuda": torch.cuda.synchronize()
     return int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-
 
 # %% ../nbs/02d_batching.ipynb #5e1d2c3a
 def packing_throughput(model, tok, tds, max_length:int, batch_size:int, bf16:bool=False, n_batches:int=2,
@@ -154,8 +173,9 @@ def packing_throughput(model, tok, tds, max_length:int, batch_size:int, bf16:boo
         for k in bs:                                   # interleaved
             if i < len(bs[k]): run(k, bs[k][i])
     model.train(was_training)
-    if len(err) == 2: raise RuntimeError(f"packing='auto': both ways failed: packed {err['packed']}; padded {err['padded']} "
-                                         "(out of memory: lower max_length, batch_size or micro_batch_tokens)")
+    if len(err) == 2:
+        raise RuntimeError(f"packing='auto': both ways failed: packed {err['packed']}; padded {err['padded']} "
+                           "(out of memory: lower max_length, batch_size or micro_batch_tokens)")
     tps = {k: round(n[k]/t[k], 1) if t[k] else None for k in t}
     return dict(packed_tokens_per_s=tps["packed"], padded_tokens_per_s=tps["padded"], errors=err,
                 packing=bool((tps["packed"] or 0) > (tps["padded"] or 0)), batches=n_batches, bf16=bf16)
@@ -163,6 +183,7 @@ def packing_throughput(model, tok, tds, max_length:int, batch_size:int, bf16:boo
 # %% ../nbs/02d_batching.ipynb #d8ab3f4e
 def _cdiv(a, b): return -(-a // b)
 
+# %% ../nbs/02d_batching.ipynb #5e024e0a
 def batch_plan(row_lengths:list,          # tokens of each (tokenized, truncated) row
                batch_size:int=TrainStepConfig.batch_size, # the recipe's rows per device per micro-batch (unpacked)
                grad_accum:int=TrainStepConfig.grad_accum, # the recipe's accumulation steps
@@ -190,14 +211,17 @@ def batch_plan(row_lengths:list,          # tokens of each (tokenized, truncated
                 steps_per_epoch=per_epoch, optimizer_steps=steps, warmup_steps=warm,
                 warmup_share=round(warm / steps, 3) if steps else None)
 
+# %% ../nbs/02d_batching.ipynb #eca7745e
 def plan_text(p:dict) -> str:
     "One paragraph saying what a `batch_plan` will do."
     rows = (f"{p['rows']} rows (mean {p['mean_row_tokens']:.0f} tokens) packed into {p['train_rows']} rows "
-            f"(mean {p['mean_train_row_tokens']:.0f} tokens)" if p["packed"] else f"{p['rows']} rows (mean {p['mean_row_tokens']:.0f} tokens)")
+            f"(mean {p['mean_train_row_tokens']:.0f} tokens)" if p["packed"]
+            else f"{p['rows']} rows (mean {p['mean_row_tokens']:.0f} tokens)")
     warn = "  WARNING: the warm-up is longer than the run" if p["warmup_steps"] > p["optimizer_steps"] else ""
-    return (f"plan: {rows}; micro-batch {p['micro_batch']} x grad_accum {p['grad_accum']} x {p['world_size']} process(es) "
-            f"= ~{p['tokens_per_step']} real tokens per optimizer step (target {p['target_tokens_per_step']}); "
-            f"{p['steps_per_epoch']} steps per epoch, {p['optimizer_steps']} optimizer steps; warm-up {p['warmup_steps']} "
+    return (f"plan: {rows}; micro-batch {p['micro_batch']} x grad_accum {p['grad_accum']} x {p['world_size']} "
+            f"process(es) = ~{p['tokens_per_step']} real tokens per optimizer step "
+            f"(target {p['target_tokens_per_step']}); {p['steps_per_epoch']} steps per epoch, "
+            f"{p['optimizer_steps']} optimizer steps; warm-up {p['warmup_steps']} "
             f"steps ({100*(p['warmup_share'] or 0):.0f}% of the run){warn}")
 
 # %% ../nbs/02d_batching.ipynb #8d246a6f
@@ -206,6 +230,7 @@ def packed_lengths(tds, max_length:int) -> list:
     from trl.data_utils import pack_dataset
     return [len(x) for x in pack_dataset(tds.select_columns(["input_ids", "labels"]), max_length, "bfd")["input_ids"]]
 
+# %% ../nbs/02d_batching.ipynb #7806474a
 def sft_plan(tds, cfg, packing:bool) -> dict:
     "The `batch_plan` of a tokenized dataset under `cfg`, packed or not."
     return batch_plan([len(x) for x in tds["input_ids"]], cfg.batch_size, cfg.grad_accum, cfg.max_length,

@@ -393,7 +393,7 @@ def ensure_pad_token(tok):
         tok.pad_token = reserved if reserved in tok.get_vocab() else tok.eos_token
     return tok
 
-# %% ../nbs/00_core.ipynb #1e3cbac6
+# %% ../nbs/00_core.ipynb #8da976a9
 def complete_checkpoints(d) -> list:
     "The complete `checkpoint-N` folders (with their `trainer_state.json`) under `d`, oldest first."
     d = Path(d)

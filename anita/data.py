@@ -8,7 +8,9 @@ import json, random, re, warnings
 from collections import Counter
 from importlib import util as importlib_util
 from pathlib import Path
-from .core import atomic_dir, atomic_write, resolve_model, run_dir, step_manifest, write_json
+from dataclasses import asdict, dataclass
+from .core import PAPER_BASE, atomic_dir, atomic_write, resolve_model, run_dir, step_manifest, write_json
+from .trainconfig import param
 from .sources import BadRows, eval_texts, iter_rows, length_stats, ngram_index, plot_token_lengths
 from .sources import rows_dataset, finish_rows, source_name
 
@@ -16,7 +18,8 @@ from .sources import rows_dataset, finish_rows, source_name
 __all__ = ['SFT_HUB', 'DPO_HUB', 'ITA_HUB', 'SAMPLE_FILES', 'ALPACA_PREAMBLE', 'ALPACA_PREAMBLE_INPUT', 'ALPACA_TEMPLATE',
            'ALPACA_TEMPLATE_INPUT', 'MC4_IT_CONFIGS', 'STEP_COLUMNS', 'sample_path', 'eot_token', 'bos_string',
            'get_tokenizer', 'strip_markers', 'alpaca_prompt', 'prepare_sft', 'split_pair', 'prepare_dpo',
-           'mc4_it_files', 'reservoir_sample', 'prepare_ita', 'token_lengths', 'split_heldout', 'run_data_step']
+           'mc4_it_files', 'reservoir_sample', 'prepare_ita', 'token_lengths', 'split_heldout', 'run_data_step',
+           'DataStepConfig', 'run_data']
 
 # %% ../nbs/01_data.ipynb #ba5dfc71
 SFT_HUB = "Chat-Error/wizard_alpaca_dolly_orca"
@@ -406,3 +409,35 @@ def run_data_step(run:str="nbtest", root="runs",
         report["heldout"] = {k: len(v) for k, v in held.items() if len(v)}
         outputs += _save_data(step, dss, held, report, lengths)
     return report
+
+# %% ../nbs/01_data.ipynb #6a3d0342
+@dataclass
+class DataStepConfig:
+    "The data step: the paper's three datasets and the held-out rows (each field's `source`: whose default)."
+    model: str = param(PAPER_BASE, "paper", "tokenizer source: the base model (BOS, `<|eot_id|>`, chat template)")
+    sft_source: str|None = param(SFT_HUB, "paper", "SFT rows (Alpaca-LoRA template); None: the shipped sample")
+    dpo_source: str|None = param(DPO_HUB, "paper", "DPO pairs; None: the shipped sample")
+    ita_source: str|None = param(ITA_HUB, "paper", "Italian documents; None: the shipped sample")
+    n_sft: int|None = param(None, "paper", "SFT rows kept, the first ones (None: all, ~100k)")
+    n_dpo: int|None = param(None, "paper", "DPO pairs kept, the first ones (None: all)")
+    n_ita: int = param(100_000, "paper", "Italian documents to train on, sampled at random")
+    seed: int = param(42, "scripts", "seed of the Italian sample and of the held-out split")
+    ita_config: str = param("tiny", "anita", "clean_mc4_it config: the paper names none; tiny (10M docs) holds 100k")
+    ita_max_files: int|None = param(None, "anita", "read at most this many of the config's files (None: as needed)")
+    exclude_sources: tuple = param(("toxic-dpo-v0.2",), "paper", "DPO `source` labels left out (toxic-dpo-v0.2)")
+    system_prompt: str|None = param(None, "anita", "system prompt for DPO rows without one (None: none)")
+    max_bad_frac: float = param(0.05, "anita", "fail when more than this fraction of rows is malformed")
+    decontaminate: str|None = param(None, "anita", "json/jsonl/csv/parquet file of evaluation rows to keep out")
+    ngram: int = param(13, "anita", "n of the decontamination n-grams")
+    n_heldout_sft: int = param(20, "anita", "SFT rows held out of training, for the eval step's held-out figures")
+    n_heldout_dpo: int = param(18, "anita", "DPO pairs held out of training")
+    n_heldout_ita: int = param(20, "anita", "Italian paragraphs held out of training")
+    en_source: str|None = param(None, "anita", "English paragraphs, held-out only (None: the shipped sample)")
+    n_heldout_en: int = param(20, "anita", "English paragraphs for the Italian step's cost in English")
+    PRESETS = dict(paper={}, tiny=dict(   # tiny: the shipped samples (74 Italian paragraphs: 54 to train, 20 held out)
+        model="embedded", sft_source=None, dpo_source=None, ita_source=None, n_ita=54))
+
+# %% ../nbs/01_data.ipynb #e70cc0c6
+def run_data(cfg:DataStepConfig, step_dir) -> dict:
+    "The data step with `cfg` into `step_dir`; returns its report."
+    return run_data_step(**asdict(cfg), step_dir=step_dir)

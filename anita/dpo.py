@@ -7,13 +7,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from .trainconfig import TrainStepConfig, param, notebook_config, step_config
-from .sft import Stage, fit, make_trainer, drop_ref_adapter, load_step_data, loss_table
+from .sft import Stage, fit, make_trainer, drop_ref_adapter, load_step_data, loss_table, run_train_step
 from .batching import adds_bos, batch_plan, plan_text
 from .backends import world_size, prepare_backend
 from .core import run_dir, step_manifest, read_json
 
 # %% auto #0
-__all__ = ['DPO_STAGE', 'DPOStepConfig', 'check_pairs', 'cut_prompts', 'dpo_data', 'pair_padding', 'dpo_finish', 'train_dpo']
+__all__ = ['DPO_STAGE', 'DPOStepConfig', 'check_pairs', 'cut_prompts', 'dpo_data', 'pair_padding', 'dpo_finish', 'train_dpo',
+           'run_dpo']
 
 # %% ../nbs/03_dpo.ipynb #8412272b
 @dataclass
@@ -31,6 +32,10 @@ class DPOStepConfig(TrainStepConfig):
     optim: str = param("adamw_8bit", "scripts", "8-bit AdamW")
     beta: float = param(0.1, "scripts", "DPO beta")
     max_prompt_length: int = param(512, "scripts", "prompt tokens kept (cut here: TRL >= 1.0 dropped the option)")
+    PRESETS = dict(paper={}, tiny=dict(   # tiny: the CPU demo, 8 optimizer steps on 8 pairs of the shipped sample
+        model="embedded", lora_r=16, lora_alpha=16, max_length=128, max_prompt_length=64, batch_size=2, grad_accum=1,
+        lr=5e-4, warmup_steps=0, optim="adamw_torch", max_steps=8, epochs=4, save_steps=4, logging_steps=1,
+        gen_max_new_tokens=16, n_train=8))
 
 # %% ../nbs/03_dpo.ipynb #e1c0084b
 def check_pairs(ds, tok):
@@ -107,3 +112,8 @@ def train_dpo(model:str,          # the SFT step's merged model (the pipeline pa
              ) -> dict:
     "DPO with a LoRA adapter on `model` (reference = adapter disabled); returns paths and the `report` as `train_sft`."
     return fit(DPO_STAGE, model, dataset, out_dir, resume, generate, merge, datasets_used, step, **opts)
+
+# %% ../nbs/03_dpo.ipynb #60ae97c5
+def run_dpo(cfg:DPOStepConfig, step_dir, data_dir=None) -> dict:
+    "The DPO step: `train_dpo` with `cfg` on the data step's `dpo` pairs (`data_dir`), into `step_dir`."
+    return run_train_step(train_dpo, "dpo", "03_dpo", cfg, step_dir, data_dir)

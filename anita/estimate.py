@@ -61,13 +61,12 @@ def data_stats(rec:dict, run:str, root="runs") -> dict:
 
 # %% ../nbs/11e_estimate.ipynb #266eb2a5
 def step_cfg(kind:str, params:dict):
-    "The step config (`SFTStepConfig`, `DPOStepConfig`, `ITAStepConfig`) of recipe `params` for `kind`."
-    from anita.trainconfig import SFTStepConfig
+    "The step config (`SFTStepConfig`, `DPOStepConfig`, `ITAStepConfig`) of recipe `params` for `kind`, its preset resolved."
+    from anita.trainconfig import SFTStepConfig, notebook_config
     from anita.dpo import DPOStepConfig
     from anita.ita import ITAStepConfig
     cls = dict(sft=SFTStepConfig, dpo=DPOStepConfig, ita=ITAStepConfig)[kind]
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in params.items() if k in names})
+    return notebook_config(cls, params)   # the preset `params` names (default: paper), and its fields over it
 
 # %% ../nbs/11e_estimate.ipynb #4e608a94
 def step_plan(kind:str, cfg, st:dict, n_train:int=None) -> dict:

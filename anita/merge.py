@@ -15,8 +15,10 @@ __all__ = ['merge_adapter', 'save_merged', 'model_card', 'generation_check']
 
 # %% ../nbs/02e_merge.ipynb #a0340977
 def _is_4bit(model) -> bool:
-    return bool(getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_4bit", False))
+    return bool(getattr(getattr(model, "base_model", None), "is_loaded_in_4bit", False)
+                or getattr(model, "is_loaded_in_4bit", False))
 
+# %% ../nbs/02e_merge.ipynb #0bd6c829
 def merge_adapter(base:str, adapter_dir, dtype:str=None):
     "Plain PEFT: load exactly `base` (a folder, or a Hub id from the local cache when offline), apply the adapter, merge (bf16 on a GPU, fp32 on the CPU)."
     import torch
@@ -27,19 +29,23 @@ def merge_adapter(base:str, adapter_dir, dtype:str=None):
     full = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), **kw)
     return PeftModel.from_pretrained(full, str(adapter_dir)).merge_and_unload()
 
+# %% ../nbs/02e_merge.ipynb #965e73fa
 def save_merged(model, tok, out, backend:str="cpu", base:str=None) -> str:
     "Merge the LoRA adapter into the weights and save model + tokenizer atomically; a 4-bit or unsloth model is merged into `base` in bf16."
     with atomic_dir(out) as tmp:
         if backend == "unsloth" or _is_4bit(model):
             # not unsloth's `save_pretrained_merged`: it would download another 16-bit original to merge into
-            adir = Path(tmp)/"_adapter"; model.save_pretrained(adir)
-            merged = merge_adapter(base, adir); shutil.rmtree(adir)
+            adir = Path(tmp)/"_adapter"
+            model.save_pretrained(adir)
+            merged = merge_adapter(base, adir)
+            shutil.rmtree(adir)
         else: merged = model.merge_and_unload()
         merged.config.use_cache = True
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     return str(out)
 
+# %% ../nbs/02e_merge.ipynb #025b86d4
 def model_card(step:str, base:str, datasets:list, params:dict, backend:str, metrics:dict=None, loaded:str=None) -> str:
     "A Hugging Face model card (README.md) for a training step's merged model."
     lic = "llama3" if "llama" in str(base).lower() else "other"
@@ -63,7 +69,8 @@ tags:
 
 # anita {step} model
 
-LLaMAntino-3-ANITA recipe, step `{step}`: LoRA fine-tuning of `{base}` (backend `{backend}`; weights loaded from `{loaded or base}`), adapter merged into the weights.
+LLaMAntino-3-ANITA recipe, step `{step}`: LoRA fine-tuning of `{base}` (backend `{backend}`; weights loaded from \
+`{loaded or base}`), adapter merged into the weights.
 
 ## Recipe values
 
@@ -83,16 +90,19 @@ LLaMAntino-3-ANITA recipe, step `{step}`: LoRA fine-tuning of `{base}` (backend 
 
 ## License
 
-This model is a derivative of `{base}` and inherits its license (the Meta Llama 3 Community License for Meta-Llama-3 models,
+This model is a derivative of `{base}` and inherits its license (the Meta Llama 3 Community License \
+for Meta-Llama-3 models,
 Apache-2.0 for SmolLM2). The training data keep their own licenses.
 """
 
+# %% ../nbs/02e_merge.ipynb #bed1f278
 def generation_check(model, tok, prompts=GEN_PROMPTS, max_new_tokens:int=TrainStepConfig.gen_max_new_tokens,
                      temperature:float=TrainStepConfig.gen_temperature, top_p:float=TrainStepConfig.gen_top_p,
                      seed:int=TrainStepConfig.seed, system:str=ANITA_SYSTEM_PROMPT) -> list:
     "Answer fixed Italian/English prompts with the ANITA system prompt (seeded sampling); returns `[{prompt, answer}]`."
     import torch
-    model.eval(); out = []
+    model.eval()
+    out = []
     dev = next(model.parameters()).device
     for q in prompts:
         msgs = [dict(role="system", content=system), dict(role="user", content=q)]
@@ -100,7 +110,7 @@ def generation_check(model, tok, prompts=GEN_PROMPTS, max_new_tokens:int=TrainSt
         ids = {k: v.to(dev) for k, v in ids.items()}
         torch.manual_seed(seed)
         with torch.no_grad():
-            g = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p,
-                               pad_token_id=tok.pad_token_id)
+            g = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                               top_p=top_p, pad_token_id=tok.pad_token_id)
         out.append(dict(prompt=q, answer=tok.decode(g[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
     return out

@@ -8,11 +8,12 @@ import ast, contextlib, json, math, os, re
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'RUN_FILES', 'PARAM_RULES', 'PARAM_PATTERNS', 'PARAM_CHOICES', 'RecipeError', 'UsageError',
-           'check_name', 'recipes_dir', 'find_recipe', 'default_nbs_dir', 'local_path', 'all_strings',
-           'check_step_refs', 'load_recipe', 'step_dirs', 'fill_steps', 'fill', 'params_cell', 'notebook_params',
-           'check_param', 'param_rule', 'check_range', 'parse_set', 'apply_sets', 'select_steps', 'check_recipe_params',
-           'list_steps']
+__all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'RUN_FILES', 'PARAM_RULES', 'PARAM_PATTERNS', 'PARAM_CHOICES', 'STEP_CONFIGS',
+           'RecipeError', 'UsageError', 'check_name', 'recipes_dir', 'find_recipe', 'default_nbs_dir', 'local_path',
+           'all_strings', 'check_step_refs', 'load_recipe', 'step_dirs', 'fill_steps', 'fill', 'params_cell',
+           'notebook_params', 'check_param', 'param_rule', 'check_range', 'step_config_class', 'config_schema',
+           'step_schema', 'notebook_default', 'resolve_preset', 'parse_set', 'apply_sets', 'select_steps',
+           'check_recipe_params', 'list_steps']
 
 # %% ../nbs/11a_recipe.ipynb #095a8595
 RECIPE_KEYS = ("name", "description", "nbs_dir", "slurm", "steps")
@@ -21,9 +22,11 @@ STEP_KEYS = ("notebook", "params", "dir", "slurm", "shards", "description")
 class RecipeError(ValueError):
     "A recipe, a `--set` override or a `--steps` selection is invalid."
 
+# %% ../nbs/11a_recipe.ipynb #bb072dff
 class UsageError(RecipeError):
     "A command-line value is invalid: a run name, a `--root` that is a file, an empty `--steps`, ..."
 
+# %% ../nbs/11a_recipe.ipynb #87fd1a50
 _NAME = re.compile(r"\w[\w.-]*")
 
 def check_name(name, what:str, err=UsageError) -> str:
@@ -38,6 +41,7 @@ def recipes_dir() -> Path:
     import anita
     return Path(anita.__file__).parent/"recipes"
 
+# %% ../nbs/11a_recipe.ipynb #fcafd65f
 def find_recipe(recipe:str|Path # a recipe name (`tiny`, `paper`) or a path to a YAML file
                ) -> Path:
     "The recipe file for a name or a path."
@@ -48,9 +52,11 @@ def find_recipe(recipe:str|Path # a recipe name (`tiny`, `paper`) or a path to a
     p = recipes_dir()/f"{recipe}.yaml"
     if not p.exists():
         known = sorted(f.stem for f in recipes_dir().glob("*.yaml"))
-        raise FileNotFoundError(f"recipe {recipe!r} not found: known recipes are {known} (or give a path to a .yaml file)")
+        raise FileNotFoundError(f"recipe {recipe!r} not found: known recipes are {known} "
+                                "(or give a path to a .yaml file)")
     return p
 
+# %% ../nbs/11a_recipe.ipynb #f2ffe3fc
 def default_nbs_dir() -> Path:
     "`$ANITA_NBS`, else the `nbs/` folder of the repository holding the package, else `./nbs`."
     if os.environ.get("ANITA_NBS"): return Path(os.environ["ANITA_NBS"])
@@ -59,7 +65,8 @@ def default_nbs_dir() -> Path:
     return repo if repo.is_dir() else Path("nbs")
 
 # %% ../nbs/11a_recipe.ipynb #15109bb1
-_PATH_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".gguf", ".safetensors")
+_PATH_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet", ".csv", ".txt", ".yaml", ".yml", ".gguf",
+                  ".safetensors")
 
 def local_path(v, cwd=None):
     """`v` made absolute from `cwd` (default: the current folder) when it is a local path: it exists there, or it clearly is a
@@ -67,30 +74,37 @@ def local_path(v, cwd=None):
     `{steps.NAME}/...`, names such as `embedded` or `auto`) stay as they are; lists and dicts are done item by item."""
     if isinstance(v, list): return [local_path(x, cwd) for x in v]
     if isinstance(v, dict): return {k: local_path(x, cwd) for k, x in v.items()}
-    if not isinstance(v, str) or not v.strip() or any(t in v for t in ("{root}", "{run}", "{steps.", "\n", "\0")): return v
+    if not isinstance(v, str) or not v.strip() or any(t in v for t in ("{root}", "{run}", "{steps.", "\n", "\0")):
+        return v
     p = Path(cwd or os.getcwd()).absolute()/Path(v).expanduser()
     try: exists = p.exists()
     except OSError: exists = False
     if exists or v.startswith(("./", "../", "~", "/")) or v.lower().endswith(_PATH_SUFFIXES): return os.path.normpath(p)
     return v
 
+# %% ../nbs/11a_recipe.ipynb #3b4f3560
 def _known(bad, known, what, where):
     if bad: raise RecipeError(f"{where}: unknown {what} {sorted(bad)[0]!r} (known: {', '.join(known)})")
 
+# %% ../nbs/11a_recipe.ipynb #3126fbdb
 _STEP_REF = re.compile(r"\{steps\.([^{}]*)\}")
 
 def all_strings(v) -> list:
     "Every string in `v`, recursively through lists, tuples and dict values."
     if isinstance(v, str): return [v]
-    if isinstance(v, (list, tuple, dict)): return [s for x in (v.values() if isinstance(v, dict) else v) for s in all_strings(x)]
+    if isinstance(v, (list, tuple, dict)):
+        return [s for x in (v.values() if isinstance(v, dict) else v) for s in all_strings(x)]
     return []
 
+# %% ../nbs/11a_recipe.ipynb #9e3a1e2e
 def check_step_refs(params, names, where:str):
     "A `RecipeError` naming `where` when a `{steps.NAME}` in `params` names no step in `names`."
     for s in all_strings(params):
         for ref in _STEP_REF.findall(s):
-            if ref not in names: raise RecipeError(f"{where}: {{steps.{ref}}} names no step (steps: {', '.join(names)})")
+            if ref not in names:
+                raise RecipeError(f"{where}: {{steps.{ref}}} names no step (steps: {', '.join(names)})")
 
+# %% ../nbs/11a_recipe.ipynb #be1999f9
 RUN_FILES = ("logs", "recipe.yaml", "pipeline.json", "report.md", "report.html")   # the pipeline's own, in a run folder
 
 def _check_dir(d, where:str) -> str:
@@ -101,6 +115,7 @@ def _check_dir(d, where:str) -> str:
                           f"(reserved: {', '.join(RUN_FILES)}, *.ipynb)")
     return d
 
+# %% ../nbs/11a_recipe.ipynb #90caa1f5
 def _check_notebook(nb, where:str) -> str:
     "A step's `notebook`: a file name ending in `.ipynb` (in the notebooks folder), else a `RecipeError`."
     if not nb: raise RecipeError(f"{where}: `notebook` is missing")
@@ -108,6 +123,7 @@ def _check_notebook(nb, where:str) -> str:
         raise RecipeError(f"{where}: `notebook` must be a notebook file name ending in .ipynb, got {nb!r}")
     return nb
 
+# %% ../nbs/11a_recipe.ipynb #7c344a73
 def _load_step(path, name, spec) -> dict:
     "One checked step of the recipe at `path`."
     check_name(name, f"{path}: step name", RecipeError)
@@ -126,8 +142,9 @@ def _load_step(path, name, spec) -> dict:
     return dict(name=name, notebook=nb, params=params, dir=d, slurm=dict(spec.get("slurm") or {}),
                 shards=shards, description=spec.get("description", ""))
 
+# %% ../nbs/11a_recipe.ipynb #de2e0fba
 def load_recipe(recipe:str|Path,        # name or path
-                nbs_dir:str|Path=None   # folder of the step notebooks (default: recipe's `nbs_dir`, else the repo's nbs/)
+                nbs_dir:str|Path=None   # folder of step notebooks (default: recipe's `nbs_dir`, else the repo's nbs/)
                ) -> dict:
     "Read and check a recipe; returns `dict(name, path, nbs_dir, slurm, steps={name: dict(notebook, params, dir, ...)})`."
     import yaml
@@ -141,11 +158,13 @@ def load_recipe(recipe:str|Path,        # name or path
     if not isinstance(raw, dict): raise RecipeError(f"{path}: a recipe must be a mapping with a `steps` key")
     _known(set(raw) - set(RECIPE_KEYS), RECIPE_KEYS, "recipe key", path)
     steps = raw.get("steps")
-    if not isinstance(steps, dict) or not steps: raise RecipeError(f"{path}: `steps` must be a non-empty mapping of step names")
+    if not isinstance(steps, dict) or not steps:
+        raise RecipeError(f"{path}: `steps` must be a non-empty mapping of step names")
     out, dirs = {}, {}
     for name, spec in steps.items():
         out[name] = st = _load_step(path, name, spec)
-        if st["dir"] in dirs: raise RecipeError(f"{path}: steps {dirs[st['dir']]!r} and {name!r} both write to folder {st['dir']!r}")
+        if st["dir"] in dirs:
+            raise RecipeError(f"{path}: steps {dirs[st['dir']]!r} and {name!r} both write to folder {st['dir']!r}")
         dirs[st["dir"]] = name
     for name, st in out.items(): check_step_refs(st["params"], list(out), f"{path}: step {name!r}")
     nbs = Path(nbs_dir) if nbs_dir else (path.parent/raw["nbs_dir"] if raw.get("nbs_dir") else default_nbs_dir())
@@ -157,6 +176,7 @@ def step_dirs(recipe:dict) -> dict:
     "`{step name: folder name}` of a loaded recipe."
     return {n: s["dir"] for n, s in recipe["steps"].items()}
 
+# %% ../nbs/11a_recipe.ipynb #1715de36
 def fill_steps(v, dirs:dict):
     "Replace `{steps.NAME}` with `{root}/{run}/<folder of NAME>` (`dirs`: `{step: folder}`) in strings, recursively in lists and dicts."
     if isinstance(v, list): return [fill_steps(x, dirs) for x in v]
@@ -167,6 +187,7 @@ def fill_steps(v, dirs:dict):
         return f"{{root}}/{{run}}/{dirs[m[1]]}"
     return _STEP_REF.sub(_dir, v)
 
+# %% ../nbs/11a_recipe.ipynb #5d5cc37c
 def fill(v, root, run, dirs:dict=None):
     "Replace `{steps.NAME}` (with `dirs`, `{step: folder}`), then `{root}` and `{run}`, in strings, recursively in lists and dicts."
     v = fill_steps(v, dirs)
@@ -187,11 +208,13 @@ def params_cell(nb_path) -> str|None:
             return "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
     return None
 
+# %% ../nbs/11a_recipe.ipynb #eed4d3ed
 def _ann_type(node):
     if isinstance(node, ast.BinOp): return object   # `int | float`: any type accepted
     name = getattr(node, "id", None) or getattr(getattr(node, "value", None), "id", None)   # `int`, `list[str]`
     return _TYPES.get(name) if name else None
 
+# %% ../nbs/11a_recipe.ipynb #1a97e361
 def _param_type(node):
     "`(name, type)` of one assignment of a parameters cell (type None: any), or None for other statements."
     if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -205,16 +228,19 @@ def _param_type(node):
             t = None if v is None else type(v)
     return name, t
 
+# %% ../nbs/11a_recipe.ipynb #4e06a57b
 def notebook_params(nb_path:str|Path) -> dict:
     "The notebook's papermill parameters: `name -> type` of its default (None when any type is fine)."
     nb_path = Path(nb_path)
     if not nb_path.is_file(): raise FileNotFoundError(f"{nb_path}: notebook not found")
     src = params_cell(nb_path)
-    if src is None: raise RecipeError(f"{nb_path}: no cell tagged `parameters` (papermill needs one to inject parameters)")
+    if src is None:
+        raise RecipeError(f"{nb_path}: no cell tagged `parameters` (papermill needs one to inject parameters)")
     try: tree = ast.parse(src)
     except SyntaxError as e: raise RecipeError(f"{nb_path}: the parameters cell is not valid Python ({e})") from None
     return dict(p for p in map(_param_type, tree.body) if p)
 
+# %% ../nbs/11a_recipe.ipynb #bc7f44dd
 def check_param(value, expected:type|None, where:str):
     "`value` if it has the `expected` type (an int passes for a float; lists for tuples), else a `RecipeError` naming `where`."
     if expected in (None, object) or value is None: return value
@@ -225,14 +251,16 @@ def check_param(value, expected:type|None, where:str):
     if not ok: raise RecipeError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
     return list(value) if expected in (list, tuple) else value
 
+# %% ../nbs/11a_recipe.ipynb #d36adf99
 _COUNT, _RATE, _ZERO_UP = (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
-PARAM_RULES = dict(   # parameter name -> (check, what it must be), in every step that has the parameter; None always passes
+# parameter name -> (check, what it must be), in every step that has the parameter; None always passes
+PARAM_RULES = dict(
     max_steps=(lambda v: v == -1 or v >= 1, "-1 (whole epochs) or >= 1"), lr=_RATE, beta=_RATE, limit=_RATE,
     lora_dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), max_bad_frac=(lambda v: 0 <= v <= 1, "in [0, 1]"),
     **dict.fromkeys(("warmup_steps", "weight_decay", "num_fewshot", "seed", "gen_max_new_tokens"), _ZERO_UP),
-    **dict.fromkeys(("n_sft", "n_dpo", "n_ita", "n_train", "ita_max_files", "ngram", "epochs", "batch_size", "max_batch_size",
-                     "grad_accum", "max_length", "max_prompt_length", "tokens_per_step", "save_steps", "logging_steps",
-                     "lora_r", "lora_alpha"), _COUNT))
+    **dict.fromkeys(("n_sft", "n_dpo", "n_ita", "n_train", "ita_max_files", "ngram", "epochs", "batch_size",
+                     "max_batch_size", "grad_accum", "max_length", "max_prompt_length", "tokens_per_step", "save_steps",
+                     "logging_steps", "lora_r", "lora_alpha"), _COUNT))
 
 PARAM_RULES.update(gpu_memory_utilization=(lambda v: 0 < v <= 1, "in (0, 1]"))
 
@@ -244,16 +272,19 @@ PARAM_PATTERNS = (   # the rule of a parameter PARAM_RULES does not name, from i
 
 PARAM_CHOICES = dict(packing=(True, False, "auto"))   # parameter name -> the values it may take
 
+# %% ../nbs/11a_recipe.ipynb #2a80ca66
 def param_rule(key:str) -> tuple|None:
     "The `(check, what it must be)` of parameter `key`: `PARAM_RULES[key]`, else the first `PARAM_PATTERNS` match."
     if key in PARAM_RULES: return PARAM_RULES[key]
     return next((rule for pat, rule in PARAM_PATTERNS if re.fullmatch(pat, key)), None)
 
+# %% ../nbs/11a_recipe.ipynb #6d607b7e
 def _check_finite(v, where:str):
     "A `RecipeError` naming `where` when `v` is, or holds (in lists and dict values), an infinite or NaN float."
     if isinstance(v, float) and not math.isfinite(v): raise RecipeError(f"{where}: must be a finite number, got {v!r}")
     for x in (v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()): _check_finite(x, where)
 
+# %% ../nbs/11a_recipe.ipynb #eda4f1e4
 def check_range(key:str, value, where:str):
     """`value` if it is finite (no float parameter may be inf or NaN) and in the range `param_rule(key)` gives (or among
     `PARAM_CHOICES`), else a `RecipeError` naming `where`."""
@@ -265,6 +296,65 @@ def check_range(key:str, value, where:str):
     if not rule[0](value): raise RecipeError(f"{where}: must be {rule[1]}, got {value!r}")
     return value
 
+# %% ../nbs/11a_recipe.ipynb #166a3643
+STEP_CONFIGS = {"01_data": "anita.data:DataStepConfig", "02_sft": "anita.trainconfig:SFTStepConfig",
+                "03_dpo": "anita.dpo:DPOStepConfig", "04_ita": "anita.ita:ITAStepConfig"}   # notebook name -> "module:class" of its config
+
+def step_config_class(notebook:str|Path):
+    "The config dataclass of step notebook `notebook` (by its name, in `STEP_CONFIGS`), or None."
+    ref = STEP_CONFIGS.get(Path(notebook).stem)
+    if ref is None: return None
+    import importlib
+    mod, name = ref.split(":")
+    return getattr(importlib.import_module(mod), name)
+
+# %% ../nbs/11a_recipe.ipynb #9d8ed657
+_FIELD_TYPES = dict(int=int, float=float, bool=bool, str=str, tuple=tuple, list=list, dict=dict)
+
+def config_schema(cls) -> dict:
+    "`name -> type` of the fields of config `cls` (None: any type), as `notebook_params` gives a notebook's."
+    from dataclasses import fields
+    out = {}
+    for f in fields(cls):
+        parts = [p.strip() for p in str(f.type).split("|") if p.strip() != "None"]
+        out[f.name] = _FIELD_TYPES.get(parts[0]) if len(parts) == 1 else None
+    return out
+
+# %% ../nbs/11a_recipe.ipynb #8a8401a0
+def step_schema(nb_path:str|Path) -> dict:
+    "The parameters a step notebook takes: its parameter cell's, and its config's fields when it has one."
+    cls = step_config_class(nb_path)
+    return {**(config_schema(cls) if cls else {}), **notebook_params(nb_path)}
+
+# %% ../nbs/11a_recipe.ipynb #9943e960
+def notebook_default(nb_path:str|Path, name:str):
+    "The literal value the `parameters` cell of notebook `nb_path` gives `name` (None when absent or not a literal)."
+    src = params_cell(nb_path) if Path(nb_path).is_file() else None
+    with contextlib.suppress(SyntaxError, ValueError):
+        for node in ast.parse(src or "").body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+                return ast.literal_eval(node.value)
+    return None
+
+# %% ../nbs/11a_recipe.ipynb #9becc537
+def resolve_preset(recipe:dict, name:str) -> dict:
+    """Resolve the preset of step `name` in place and return its params: every field of its config at the preset's value
+    (the recipe's `preset`, else the notebook's, else `paper`) under the step's own parameters. A step whose notebook has
+    no config keeps its params."""
+    st = recipe["steps"][name]
+    last = st.get("resolved", {})
+    st["own"] = own = {**st.get("own", {}), **{k: v for k, v in st["params"].items() if k not in last or last[k] != v}}
+    cls = step_config_class(st["notebook"])
+    if cls is None: return st["params"]
+    from anita.trainconfig import preset_values
+    preset = own.get("preset") or notebook_default(Path(recipe["nbs_dir"])/st["notebook"], "preset") or "paper"
+    try: values = preset_values(cls, preset)
+    except ValueError as e: raise RecipeError(f"{recipe['path']}: step {name!r}: {e}") from None
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    st["params"] = {**values, **own, "preset": preset}
+    st["resolved"] = dict(st["params"])
+    return st["params"]
+
 # %% ../nbs/11a_recipe.ipynb #4a683b4e
 def parse_set(s:str) -> tuple:
     "`'sft.max_steps=20'` -> `('sft', 'max_steps', 20, '20')` (value parsed as YAML, raw text kept)."
@@ -272,28 +362,33 @@ def parse_set(s:str) -> tuple:
     m = re.fullmatch(r"\s*([\w-]+)\.(\w+)\s*=(.*)", s, flags=re.S)
     if not m: raise RecipeError(f"--set {s!r}: expected STEP.PARAM=VALUE, e.g. sft.max_steps=20")
     raw = m.group(3).strip()
-    if raw.startswith(("{steps.", "{root}", "{run}")): return m.group(1), m.group(2), raw, raw   # a path, not a YAML mapping
+    # a path, not a YAML mapping
+    if raw.startswith(("{steps.", "{root}", "{run}")): return m.group(1), m.group(2), raw, raw
     try: v = yaml.safe_load(raw) if raw else ""
     except yaml.YAMLError: v = raw
     return m.group(1), m.group(2), v, raw
 
+# %% ../nbs/11a_recipe.ipynb #2f84c13f
 def _set_type(recipe, step, key, where, check_notebooks):
     "The type a `--set` value for `step.key` must have: the notebook's parameter's, else the recipe value's (None: any)."
     st = recipe["steps"][step]
     nb = Path(recipe["nbs_dir"])/st["notebook"]
-    schema = notebook_params(nb) if check_notebooks and nb.exists() else None
+    schema = step_schema(nb) if check_notebooks and nb.exists() else None
     if schema is not None and key not in schema:
         raise RecipeError(f"{where}: {nb} has no parameter {key!r} (its parameters: {', '.join(schema)})")
-    return schema[key] if schema is not None else (type(st["params"][key]) if st["params"].get(key) is not None else None)
+    return schema[key] if schema is not None else (type(st["params"][key]) if st["params"].get(key) is not None
+                                                   else None)
 
+# %% ../nbs/11a_recipe.ipynb #07db26fc
 def apply_sets(recipe:dict, sets=(), check_notebooks:bool=True, cwd=None) -> dict:
     """Apply `--set STEP.PARAM=VALUE` overrides in place, type-checked against the notebook's parameters or the recipe's value
-    and range-checked (`PARAM_RULES`); a relative path is made absolute from `cwd` (default: the current folder, where the
+    and range-checked (`PARAM_RULES`), then resolve every step's preset (`resolve_preset`); a relative path is made absolute from `cwd` (default: the current folder, where the
     command was typed), not from the run folder where the notebook runs."""
     for s in sets or ():
         step, key, v, raw = parse_set(s)
         if step not in recipe["steps"]:
-            raise RecipeError(f"--set {s!r}: unknown step {step!r} (recipe {recipe['name']} has: {', '.join(recipe['steps'])})")
+            raise RecipeError(f"--set {s!r}: unknown step {step!r} "
+                              f"(recipe {recipe['name']} has: {', '.join(recipe['steps'])})")
         where = f"--set {step}.{key}"
         expected = _set_type(recipe, step, key, where, check_notebooks)
         if expected is str and not isinstance(v, str): v = raw
@@ -301,6 +396,7 @@ def apply_sets(recipe:dict, sets=(), check_notebooks:bool=True, cwd=None) -> dic
             with contextlib.suppress(ValueError): v = float(raw)
         check_step_refs(v, list(recipe["steps"]), where)
         recipe["steps"][step]["params"][key] = local_path(check_range(key, check_param(v, expected, where), where), cwd)
+    for name in recipe["steps"]: resolve_preset(recipe, name)
     return recipe
 
 # %% ../nbs/11a_recipe.ipynb #2cfc8518
@@ -314,23 +410,29 @@ def select_steps(recipe:dict, steps=None) -> list:
     if bad: raise RecipeError(f"unknown step {bad[0]!r} (recipe {recipe['name']} has: {', '.join(names)})")
     return [n for n in names if n in want]
 
+# %% ../nbs/11a_recipe.ipynb #cc644ebf
 def check_recipe_params(recipe:dict, names) -> None:
     "Check each selected step's notebook exists and that its recipe parameters are in its parameters cell, with the right types."
     for n in names:
         st = recipe["steps"][n]
         nb = Path(recipe["nbs_dir"])/st["notebook"]
-        if not nb.is_file(): raise FileNotFoundError(f"{nb}: notebook of step {n!r} not found (recipe {recipe['path']})")
-        schema = notebook_params(nb)
-        for k, v in st["params"].items():
+        if not nb.is_file():
+            raise FileNotFoundError(f"{nb}: notebook of step {n!r} not found (recipe {recipe['path']})")
+        schema = step_schema(nb)
+        for k, v in resolve_preset(recipe, n).items():
             if k not in schema: raise RecipeError(f"{recipe['path']}: step {n!r}: {nb.name} has no parameter {k!r} "
                                                   f"(its parameters: {', '.join(schema)})")
-            st["params"][k] = check_range(k, check_param(v, schema[k], f"{recipe['path']}: {n}.{k}"), f"{recipe['path']}: {n}.{k}")
+            st["params"][k] = check_range(k, check_param(v, schema[k], f"{recipe['path']}: {n}.{k}"),
+                                          f"{recipe['path']}: {n}.{k}")
         if st["shards"] and st["shards"]["param"] not in schema:
-            raise RecipeError(f"{recipe['path']}: step {n!r}: shards.param {st['shards']['param']!r} is not a parameter of {nb.name}")
+            raise RecipeError(f"{recipe['path']}: step {n!r}: shards.param {st['shards']['param']!r} "
+                              f"is not a parameter of {nb.name}")
         if st["dir"] != nb.stem and "step_dir" not in schema:
-            raise RecipeError(f"{recipe['path']}: step {n!r}: {nb.name} has no `step_dir` parameter, so it cannot be given "
-                              f"folder {st['dir']!r} (it writes {nb.stem}/): leave `dir` out, or give the notebook a `step_dir`")
+            raise RecipeError(f"{recipe['path']}: step {n!r}: {nb.name} has no `step_dir` parameter, "
+                              f"so it cannot be given folder {st['dir']!r} (it writes {nb.stem}/): "
+                              "leave `dir` out, or give the notebook a `step_dir`")
 
+# %% ../nbs/11a_recipe.ipynb #661d4ee6
 def list_steps(recipe:dict) -> str:
     "One tab-separated line per step: name, folder, notebook, number of shards, then the step's slurm values as k=v."
     out = []

@@ -20,8 +20,10 @@ def _short(v, n=160):
     s = " ".join(s.split())
     return (s[:n] + "…") if len(s) > n else s
 
+# %% ../nbs/11d_report.ipynb #eb67f98d
 def _cell(v): return _short(v).replace("|", "\\|")
 
+# %% ../nbs/11d_report.ipynb #c8b66af0
 def _scalars(d, prefix="", depth=2):
     "Flatten the scalar (number/short string/bool) fields of a nested dict."
     out = []
@@ -30,13 +32,16 @@ def _scalars(d, prefix="", depth=2):
         elif isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) < 120): out.append((f"{prefix}{k}", v))
     return out
 
-_NOISE = ("versions", "device", "min", "p90", "p95", "p99", "count", "kind", "bos", "eot", "dataset", "tokenizer", "sources")
+# %% ../nbs/11d_report.ipynb #1040d1c8
+_NOISE = ("versions", "device", "min", "p90", "p95", "p99", "count", "kind", "bos", "eot", "dataset", "tokenizer",
+          "sources")
 
 def _key_figure(k:str, v) -> bool:
     "A report.json field worth a row in the report: numbers and short labels, not paths, versions or minor percentiles."
     if any(part in _NOISE for part in k.split(".")): return False
     return isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) < 60 and "/" not in v)
 
+# %% ../nbs/11d_report.ipynb #95dc1703
 def _loss_points(log):
     "`(step, loss)` pairs from a train log (a list of dicts, or a dict holding one)."
     if isinstance(log, dict): log = next((v for v in log.values() if isinstance(v, list)), [])
@@ -47,6 +52,7 @@ def _loss_points(log):
             if isinstance(loss, (int, float)): pts.append((r.get("step", i), loss))
     return pts
 
+# %% ../nbs/11d_report.ipynb #e975e390
 def _tokens_per_s(log):
     vals = []
     for r in (log if isinstance(log, list) else []):
@@ -55,6 +61,7 @@ def _tokens_per_s(log):
                      if isinstance(v, (int, float))]
     return sum(vals)/len(vals) if vals else None
 
+# %% ../nbs/11d_report.ipynb #eb5ce5a7
 def _generations(g, n=2):
     "The first `n` `(prompt, answer)` pairs of a generations file (a list of dicts, or a dict holding one)."
     rows = g if isinstance(g, list) else (g.get("generations") or g.get("samples") or []) if isinstance(g, dict) else []
@@ -62,7 +69,8 @@ def _generations(g, n=2):
     for r in rows[:n]:
         if isinstance(r, dict):
             p = r.get("prompt") or r.get("question") or r.get("input") or ""
-            a = r.get("answer") or r.get("output") or r.get("generation") or r.get("response") or r.get("completion") or ""
+            a = (r.get("answer") or r.get("output") or r.get("generation") or r.get("response") or r.get("completion")
+                 or "")
             out.append((p if isinstance(p, str) else _short(p), a if isinstance(a, str) else _short(a)))
     return out
 
@@ -74,26 +82,32 @@ def _loss_line(sd) -> str|None:
     return (f"{pts[0][1]:.4g} → {pts[-1][1]:.4g} over {len(pts)} logs "
             f"({'down' if pts[-1][1] < pts[0][1] else 'NOT down'})")
 
+# %% ../nbs/11d_report.ipynb #6473c4a0
 def _packing_figure(rep) -> str|None:
     "`packing: auto`'s measurement in a training step's report: both throughputs and the choice."
     m = (rep.get("data") or {}).get("packing_measured") if isinstance(rep, dict) else None
     if not m: return None
     return (f"packed {m.get('packed_tokens_per_s')} vs padded {m.get('padded_tokens_per_s')} real tokens/s -> "
-            f"{'packed' if m.get('packing') else 'padded'}" + (" (measured when the run began)" if m.get("reused") else ""))
+            f"{'packed' if m.get('packing') else 'padded'}"
+            + (" (measured when the run began)" if m.get("reused") else ""))
 
+# %% ../nbs/11d_report.ipynb #501c6345
 def step_figures(sd:Path) -> list:
     "`(figure, value)` rows of a step: its loss, tokens/s, `packing: auto`'s measurement and the key fields of its `report.json`."
     rep, tl = load_json_or_none(sd/"report.json"), load_json_or_none(sd/"train_log.json")
-    tps = _tokens_per_s(tl) or next((v for k, v in _scalars(rep if isinstance(rep, dict) else {}) if "tokens_per_s" in k), None)
+    tps = _tokens_per_s(tl) or next((v for k, v in _scalars(rep if isinstance(rep, dict) else {})
+                                     if "tokens_per_s" in k), None)
     figs = [("loss (first → last logged)", _loss_line(sd))] if _loss_line(sd) else []
     if tps: figs.append(("tokens/s (mean)", f"{tps:.1f}"))
     if packing := _packing_figure(rep): figs.append(("packing: auto", packing))
     return figs + ([(k, v) for k, v in _scalars(rep) if _key_figure(k, v)][:40] if isinstance(rep, dict) else [])
 
+# %% ../nbs/11d_report.ipynb #5e85ddbf
 def _table(rows, head=("figure", "value")) -> list:
     "A markdown table of `rows` (empty list for no rows)."
     if not rows: return []
-    return [f"| {' | '.join(head)} |", "|" + "---|"*len(head), *[f"| {' | '.join(_cell(x) for x in r)} |" for r in rows], ""]
+    return [f"| {' | '.join(head)} |", "|" + "---|"*len(head),
+            *[f"| {' | '.join(_cell(x) for x in r)} |" for r in rows], ""]
 
 # %% ../nbs/11d_report.ipynb #ed1db04c
 _FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
@@ -110,6 +124,7 @@ def _headings(lines:list):
             elif closes: fence = None
         elif fence is None and (h := _ATX.match(l)): yield i, h
 
+# %% ../nbs/11d_report.ipynb #e8c2e9ee
 def demote(md:str,       # markdown text
            levels:int=1  # how many levels deeper each heading goes (H6 at most)
           ) -> str:
@@ -120,6 +135,7 @@ def demote(md:str,       # markdown text
         lines[i] = h.group(1) + hashes + lines[i][h.end():]
     return "\n".join(lines)
 
+# %% ../nbs/11d_report.ipynb #46d6a340
 def nest(md:str,    # markdown text
          parent:int # level of the heading `md` is embedded under (1 for `#`)
         ) -> str:
@@ -130,6 +146,7 @@ def nest(md:str,    # markdown text
 # %% ../nbs/11d_report.ipynb #54479a87
 def _rel(p:Path, rd:Path) -> str: return p.relative_to(rd).as_posix()
 
+# %% ../nbs/11d_report.ipynb #9fcf4db4
 def _md_files(sd:Path,   # the step's folder
               names,     # markdown file names to embed (the first is looked for in the shards too)
               parent:int # level of the report heading they are embedded under
@@ -143,6 +160,7 @@ def _md_files(sd:Path,   # the step's folder
         L += [f"**{_rel(shard, sd)}**", "", nest(shard.read_text(encoding="utf-8").strip(), parent), ""]
     return L
 
+# %% ../nbs/11d_report.ipynb #dece3547
 def evaluation_lines(rd:Path, steps:dict) -> list:
     "The evaluation tables (`table.md` of any step, its shards' too) and charts."
     L = []
@@ -153,6 +171,7 @@ def evaluation_lines(rd:Path, steps:dict) -> list:
         if body: L += [f"### {n}", "", *body]
     return ["## Evaluation", "", *L] if L else []
 
+# %% ../nbs/11d_report.ipynb #06f2c461
 def loss_lines(rd:Path, steps:dict) -> list:
     "The training steps' loss curves side by side (one table row of images), with their first and last loss."
     tr = [(n, rd/st["dir"]) for n, st in steps.items()
@@ -163,6 +182,7 @@ def loss_lines(rd:Path, steps:dict) -> list:
     return ["## Loss curves", "", row(n for n, _ in tr), "|" + "---|"*len(tr), row(imgs),
             row(_loss_line(sd) or "" for _, sd in tr), ""]
 
+# %% ../nbs/11d_report.ipynb #e7d6278e
 def generation_lines(rd:Path, steps:dict, n:int=2) -> list:
     "The first `n` generation samples of each step that wrote `generations.json` (or has them in `report.json`)."
     L = []
@@ -175,6 +195,7 @@ def generation_lines(rd:Path, steps:dict, n:int=2) -> list:
         for p, a in gens: L += [f"> **prompt:** {_short(p, 200)}", ">", f"> **answer:** {_short(a, 400)}", ""]
     return ["## Generation samples", "", *L] if L else []
 
+# %% ../nbs/11d_report.ipynb #e525ff78
 def export_lines(rd:Path, steps:dict) -> list:
     "The export checks (`export.md` of any step)."
     L = [l for st in steps.values() for l in _md_files(rd/st["dir"], ["export.md"], parent=2)]
@@ -185,6 +206,7 @@ def _elapsed(m:dict):
     el = m.get("pipeline", {}).get("elapsed_s", m.get("elapsed_s"))
     return fmt_seconds(el) if isinstance(el, (int, float)) else ""
 
+# %% ../nbs/11d_report.ipynb #2d0d4633
 def steps_table(rd:Path, steps:dict) -> list:
     "One row per step: name, executed notebook (a link once it ran), status and time."
     L = ["## Steps", "", "| step | notebook | status | time |", "|---|---|---|---|"]
@@ -194,11 +216,14 @@ def steps_table(rd:Path, steps:dict) -> list:
                  f" | {m.get('status', 'not run')} | {_elapsed(m)} |")
     return L + [""]
 
+# %% ../nbs/11d_report.ipynb #f16e191b
 def failed_lines(rd:Path, steps:dict) -> list:
     "A line naming the failed steps, or nothing."
-    failed = [n for n, st in steps.items() if (load_json_or_none(rd/st["dir"]/"manifest.json") or {}).get("status") == "failed"]
+    failed = [n for n, st in steps.items()
+              if (load_json_or_none(rd/st["dir"]/"manifest.json") or {}).get("status") == "failed"]
     if not failed: return []
-    return [f"**Failed:** step {', '.join(f'`{n}`' for n in failed)} (its error is in the appendix); the steps after it did not run.", ""]
+    return [f"**Failed:** step {', '.join(f'`{n}`' for n in failed)} (its error is in the appendix); "
+            "the steps after it did not run.", ""]
 
 # %% ../nbs/11d_report.ipynb #6afceebc
 def step_section(rd:Path, name:str, step:dict) -> list:
@@ -215,11 +240,13 @@ def step_section(rd:Path, name:str, step:dict) -> list:
     L += _table(step_figures(sd))
     for png in sorted(p for p in sd.glob("*.png") if p.name not in ("loss.png", "chart.png")):
         L += [f"![{png.stem}]({_rel(png, rd)})", ""]
-    shown = ("README.md", "heldout.md", "table.md", "export.md")   # the model card is linked, the others are in the main part
+    # the model card is linked, the others are in the main part
+    shown = ("README.md", "heldout.md", "table.md", "export.md")
     for md in sorted(p for p in sd.glob("*.md") if p.name not in shown):
         L += [f"**{md.name}**", "", nest(md.read_text(encoding="utf-8").strip(), parent=3), ""]
     return L
 
+# %% ../nbs/11d_report.ipynb #514215aa
 def versions_lines(rd:Path, steps:dict) -> list:
     "Package versions, anita commit and device of the run (from the last step manifest that has them)."
     ms = [m for st in steps.values() if (m := load_json_or_none(rd/st["dir"]/"manifest.json")) and m.get("versions")]
@@ -229,6 +256,7 @@ def versions_lines(rd:Path, steps:dict) -> list:
     rows = [("anita commit", m.get("git_commit")), *sorted((m.get("versions") or {}).items()), *device]
     return ["## Versions", "", *_table(rows, ("package", "version"))]
 
+# %% ../nbs/11d_report.ipynb #e8afd38f
 def recipe_lines(recipe:dict) -> list:
     "The recipe as run (overrides applied), as a YAML block."
     import yaml
@@ -238,7 +266,8 @@ def recipe_lines(recipe:dict) -> list:
 
 # %% ../nbs/11d_report.ipynb #8ed6f7eb
 _CSS = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}pre{background:#f4f4f4;padding:.5em;overflow:auto}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
+        "pre{background:#f4f4f4;padding:.5em;overflow:auto}"
         "summary{cursor:pointer;font-weight:bold;margin:1em 0}")
 
 def md_to_html(md:str) -> str:
@@ -246,11 +275,12 @@ def md_to_html(md:str) -> str:
     from markdown_it import MarkdownIt
     return MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
 
+# %% ../nbs/11d_report.ipynb #583e9eb5
 def html_page(title:str, body:str, appendix:str="", summary:str="Appendix") -> str:
     "A standalone HTML page: `body`, then `appendix` folded in a `<details>` element."
     fold = f"<details><summary>{html.escape(summary)}</summary>\n{appendix}\n</details>\n" if appendix else ""
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-            f"<body>\n{body}\n{fold}</body></html>\n")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n{body}\n{fold}</body></html>\n")
 
 # %% ../nbs/11d_report.ipynb #9cd7134e
 _APPENDIX = "Appendix: parameters, versions and each step's figures"
@@ -269,6 +299,7 @@ def report_parts(rd:str|Path, recipe:dict) -> tuple:
     app = ["## Each step", "", *sections, *recipe_lines(recipe), *versions_lines(rd, steps)]
     return "\n".join(main), "\n".join(app)
 
+# %% ../nbs/11d_report.ipynb #69c82117
 def write_report(rd:str|Path, recipe:dict) -> Path:
     "Write `rd/report.md` and `rd/report.html` from the steps' outputs; returns the markdown path."
     rd = Path(rd)

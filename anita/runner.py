@@ -4,23 +4,25 @@
 
 # %% ../nbs/11c_runner.ipynb #9d20f871
 from __future__ import annotations
-import contextlib, itertools, json, os, re, shutil, time
+import contextlib, itertools, json, logging, os, re, shutil, time
 from fastcore.basics import patch
 from pathlib import Path
 from .core import atomic_write, process_rank, write_json
 from .recipe import (RecipeError, UsageError, check_name, load_recipe, notebook_params, apply_sets, select_steps,
                           check_recipe_params, fill, fill_steps, step_dirs)
-from .runstate import (load_json_or_none, utc_now, fmt_seconds, make_readable, update_manifest, update_state, step_status, manifest_token,
-                            finish_step, input_paths, input_fingerprint, step_fingerprint, step_paths, stage_dir, restore_swap,
-                            swap_in, check_folders, run_lock, gather_shards)
+from .runstate import (load_json_or_none, utc_now, fmt_seconds, make_readable, update_manifest, update_state,
+                            step_status, manifest_token, finish_step, input_paths, input_fingerprint, step_fingerprint,
+                            step_paths, stage_dir, restore_swap, swap_in, check_folders, run_lock, gather_shards)
 
 # %% auto #0
-__all__ = ['FLAGGED_CELL', 'StepError', 'strip_flagged', 'step_params', 'run_step', 'plan_step', 'launch_store', 'run_recipe']
+__all__ = ['FLAGGED_CELL', 'StepError', 'strip_flagged', 'step_params', 'quiet_unknown_params', 'run_step', 'plan_step',
+           'launch_store', 'run_recipe']
 
 # %% ../nbs/11c_runner.ipynb #2a90e35d
 class StepError(RuntimeError):
     "A step's notebook failed; the message names the executed notebook and the log."
 
+# %% ../nbs/11c_runner.ipynb #8f26b6a3
 FLAGGED_CELL = re.compile(r"^\s*#\s*\|\s*(cuda|slow|eval\s*:\s*false)\s*$", re.M | re.I)
 
 def strip_flagged(nb_path, out_path, keep=()) -> int:
@@ -30,19 +32,25 @@ def strip_flagged(nb_path, out_path, keep=()) -> int:
     cells, dropped = [], 0
     for c in nb.get("cells", []):
         src = "".join(c["source"]) if isinstance(c.get("source"), list) else c.get("source", "")
-        flags = {re.sub(r"\s+", "", f.lower()) for f in FLAGGED_CELL.findall(src)} if c.get("cell_type") == "code" else set()
-        if flags - set(keep): dropped += 1; continue
+        flags = ({re.sub(r"\s+", "", f.lower()) for f in FLAGGED_CELL.findall(src)} if c.get("cell_type") == "code"
+                 else set())
+        if flags - set(keep):
+            dropped += 1
+            continue
         cells.append(c)
     nb["cells"] = cells
     with atomic_write(out_path) as f: json.dump(nb, f)
     return dropped
 
 # %% ../nbs/11c_runner.ipynb #96c5a787
-def step_params(step:dict, run:str, root:Path, shard:int=None, stage=None, dirs:dict=None, give_dir:bool=False) -> tuple:
+def step_params(step:dict, run:str, root:Path, shard:int=None, stage=None, dirs:dict=None,
+                give_dir:bool=False) -> tuple:
     "`(params, tag, step folder, notebook root)` of one run of `step`: filled parameters plus `run`, `root` (and `step_dir`)."
     params = {**fill(step["params"], root, run, dirs), "run": run, "root": str(root)}
     tag, sd, sroot = step_paths(Path(root)/run, step, shard)
-    if stage is not None: sroot = Path(stage); sd = sroot/run/step["dir"]
+    if stage is not None:
+        sroot = Path(stage)
+        sd = sroot/run/step["dir"]
     if shard is not None: params[step["shards"]["param"]] = step["shards"]["values"][shard]
     if shard is not None or stage is not None: params["root"] = str(sroot)
     if give_dir: params["step_dir"] = str(sd)
@@ -57,17 +65,29 @@ def _mark_failed(rd, sd, tag, info, t0, err):
     update_manifest(sd, **kw)
     update_state(rd, tag, status="failed", error=err, elapsed_s=el)
 
+# %% ../nbs/11c_runner.ipynb #1a2f2184
+class _KnownParams(logging.Filter):
+    def filter(self, record): return not record.getMessage().startswith("Passed unknown parameter")
+
+def quiet_unknown_params():
+    "Drop papermill's \"Passed unknown parameter\" warnings (the recipe was checked against the step's schema first)."
+    lg = logging.getLogger("papermill")
+    if not any(isinstance(f, _KnownParams) for f in lg.filters): lg.addFilter(_KnownParams())
+
+# %% ../nbs/11c_runner.ipynb #5a1e1cce
 def _execute(nb, out_nb, logf, params, step, fail, kernel="python3", progress=True, cwd=None, keep_flags=()):
     "Run `nb` (flagged cells left out) with papermill into `out_nb`, cells' output to `logf`; on failure `fail(error)`, then raise."
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
+    quiet_unknown_params()
     src = logf.parent/f".{logf.stem}.src.ipynb"
     dropped = strip_flagged(nb, src, keep_flags)
     where = f"\n  executed notebook: {out_nb}\n  log: {logf}"
     try:
         with open(logf, "a", encoding="utf-8") as lf:
             lf.write(f"# {utc_now()} {step['name']}: papermill {nb} -> {out_nb} ({dropped} cells flagged "
-                     f"cuda/slow/eval:false left out; kept flags: {','.join(keep_flags) or 'none'})\n"); lf.flush()
+                     f"cuda/slow/eval:false left out; kept flags: {','.join(keep_flags) or 'none'})\n")
+            lf.flush()
             pm.execute_notebook(str(src), str(out_nb), parameters=params, kernel_name=kernel, progress_bar=progress,
                                 stdout_file=lf, stderr_file=lf, cwd=str(cwd) if cwd else None)
     except PapermillExecutionError as e:
@@ -81,12 +101,15 @@ def _execute(nb, out_nb, logf, params, step, fail, kernel="python3", progress=Tr
         fail(f"interrupted: {type(e).__name__} {e}".strip())
         raise
 
+# %% ../nbs/11c_runner.ipynb #2f176f31
 def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True, cwd=None, kernel:str="python3",
              shard:int=None, keep_flags=(), log=print, stage=None, dirs:dict=None, cache:dict=None) -> dict:
     """Execute one recipe step with papermill into `root/run/<dir>.ipynb`; returns its manifest. With `stage` the notebook
     gets `root=stage`: it builds `stage/run/<dir>` (executed notebook in `stage`), beside the finished step it will replace.
     `dirs` (`{step: folder}`) fills `{steps.NAME}` in the parameters; `cache` is the run's file-hash cache."""
-    root = Path(root).absolute(); rd = root/run; rank = process_rank()
+    root = Path(root).absolute()
+    rd = root/run
+    rank = process_rank()
     nb = Path(nbs_dir)/step["notebook"]
     if not nb.is_file(): raise FileNotFoundError(f"{nb}: notebook of step {step['name']!r} not found")
     give_dir = "step_dir" in notebook_params(nb)
@@ -96,7 +119,8 @@ def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True,
         n = os.environ.setdefault("ANITA_TORCHRUN_ATTEMPT", os.environ["TORCHELASTIC_RESTART_COUNT"])
         os.environ["TORCHELASTIC_RESTART_COUNT"] = f"{n}/{step['dir']}"   # not one read from the last step's keys
     out_nb = (rd/"logs" if rank else sroot if stage is not None else rd)/f"{tag}.ipynb"
-    logf = rd/"logs"/f"{tag}.log"; logf.parent.mkdir(parents=True, exist_ok=True)
+    logf = rd/"logs"/f"{tag}.log"
+    logf.parent.mkdir(parents=True, exist_ok=True)
     info = dict(fingerprint=fp, notebook=str(nb), executed=str(out_nb), log=str(logf), started_at=utc_now())
     if not rank:
         update_manifest(sd, step=step["dir"], status="running", pipeline=info)
@@ -142,9 +166,9 @@ def launch_store():
     n = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if n < 2: return None
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        raise UsageError(f"WORLD_SIZE={n} but no torchrun agent store (TORCHELASTIC_USE_AGENT_STORE): start the processes "
-                         "with `torchrun --nproc_per_node N -m anita.pipeline -- ...` or `accelerate launch`, and leave "
-                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset")
+        raise UsageError(f"WORLD_SIZE={n} but no torchrun agent store (TORCHELASTIC_USE_AGENT_STORE): "
+                         "start the processes with `torchrun --nproc_per_node N -m anita.pipeline -- ...` "
+                         "or `accelerate launch`, and leave TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset")
     import torch.distributed as dist
     from datetime import timedelta
     from anita.backends import DDP_TIMEOUT_S
@@ -157,9 +181,14 @@ def launch_store():
 class _Walk:
     "The steps of one `run_recipe` call, walked in recipe order."
     def __init__(self, rec, run, root, shard, cwd, force, dry_run, progress, keep_flags, log):
-        self.rec, self.run, self.shard, self.force, self.dry_run, self.progress = rec, run, shard, force, dry_run, progress
-        self.keep_flags, self.log, self.order, self.dirs, self.rebuilt = keep_flags, log, list(rec["steps"]), step_dirs(rec), []
-        self.root = Path(root).absolute(); self.rd = self.root/run; self.rdr = self.rd.resolve(); self.rank = process_rank()
+        self.rec, self.run, self.shard, self.force, self.dry_run, self.progress = (
+            rec, run, shard, force, dry_run, progress)
+        self.keep_flags, self.log, self.order, self.dirs, self.rebuilt = (
+            keep_flags, log, list(rec["steps"]), step_dirs(rec), [])
+        self.root = Path(root).absolute()
+        self.rd = self.root/run
+        self.rdr = self.rd.resolve()
+        self.rank = process_rank()
         self.cwd = cwd or self.rd
         cache = load_json_or_none(self.rd/".fingerprints.json")
         self.cache = cache if isinstance(cache, dict) else {}   # file hashes by path, see `_file_hash`
@@ -195,8 +224,10 @@ class _Walk:
         params = fill(st["params"], self.root, self.run, self.dirs)
         if self.shard is not None: params[st["shards"]["param"]] = st["shards"]["values"][self.shard]
         ins = input_paths(params, self.cwd, own=[sd, stage])
-        inputs = {str(p.relative_to(self.rdr) if self.rdr in p.parents else p): input_fingerprint(p, self.cache) for p in ins.values()}
-        fp = step_fingerprint(Path(self.rec["nbs_dir"])/st["notebook"], fill_steps(st["params"], self.dirs), up, inputs)   # moving the runs root reruns nothing
+        inputs = {str(p.relative_to(self.rdr) if self.rdr in p.parents else p): input_fingerprint(p, self.cache)
+                  for p in ins.values()}
+        # moving the runs root reruns nothing
+        fp = step_fingerprint(Path(self.rec["nbs_dir"])/st["notebook"], fill_steps(st["params"], self.dirs), up, inputs)
         self.save_cache()
         return fp, ins
 
@@ -204,7 +235,8 @@ class _Walk:
         "`(action, why)` of `plan_step` from what the step's folder, `pipeline.json` and a replacement beside it say."
         m, problem = step_status(sd, self.cache)
         state = (load_json_or_none(self.rd/"pipeline.json") or {}).get("steps", {}).get(tag, {})
-        prev_fp = m.get("pipeline", {}).get("fingerprint") or state.get("fingerprint")   # a notebook's `running` manifest has none
+        # a notebook's `running` manifest has none
+        prev_fp = m.get("pipeline", {}).get("fingerprint") or state.get("fingerprint")
         staged = ((load_json_or_none(stage/"attempt.json") or {}).get("fingerprint"),
                   step_status(stage/self.run/st["dir"], self.cache)[1])
         return plan_step(m, problem, fp, prev_fp, self.force, stale, staged)
@@ -213,7 +245,8 @@ class _Walk:
         "Why a dry run finds a step out of date although nothing was rebuilt yet (None: it is not)."
         if not self.dry_run: return None
         if ran_prev: return f"step {prev!r} before it reruns"
-        return next((f"its input {s} is rebuilt first" for s, p in ins.items() if any(p == r or r in p.parents for r in self.rebuilt)), None)
+        return next((f"its input {s} is rebuilt first" for s, p in ins.items()
+                     if any(p == r or r in p.parents for r in self.rebuilt)), None)
 
 # %% ../nbs/11c_runner.ipynb #5c6a9192
 @patch
@@ -225,11 +258,13 @@ def decide(self:_Walk, i, n, ran_prev, tag, sd, stage) -> tuple:
     fp, ins = self.fingerprint(st, up, sd, stage)
     return (*self.plan(st, tag, sd, stage, fp, self.stale(prev, ran_prev, ins)), fp)
 
+# %% ../nbs/11c_runner.ipynb #6c7c82a3
 @patch
 def tell(self:_Walk, what, n, value):
     "Rank 0 of several processes: give the others `value` as the `what` (plan, done) of step `n`."
     if self.store is not None and not self.rank: self.store.set(f"{self.walk_id}/{what}/{n}", json.dumps(value))
 
+# %% ../nbs/11c_runner.ipynb #1fea5fa9
 @patch
 def hear(self:_Walk, what, n) -> list:
     "The other ranks: rank 0's `what` of step `n`, waited for; a `StepError` when rank 0 stopped there."
@@ -237,6 +272,7 @@ def hear(self:_Walk, what, n) -> list:
     if v[0] == "error": raise StepError(f"step {n!r}: rank 0 stopped: {v[1]}")
     return v
 
+# %% ../nbs/11c_runner.ipynb #93c4082d
 @patch
 def step(self:_Walk, i, n, ran_prev) -> str:
     "Plan step `n` (the `i`th) and run it when needed; returns 'skipped', 'would run' or 'ran'."
@@ -245,46 +281,62 @@ def step(self:_Walk, i, n, ran_prev) -> str:
     head = f"[{i+1}/{len(self.order)}] {n} ({st['notebook']} -> {sd})"
     if self.follows: action, why, fp = self.hear("plan", n)
     else:
-        try: action, why, fp = self.decide(i, n, ran_prev, tag, sd, stage)
-        except BaseException as e: self.tell("plan", n, ["error", f"{type(e).__name__}: {e}", None]); raise
+        try:
+            action, why, fp = self.decide(i, n, ran_prev, tag, sd, stage)
+        except BaseException as e:
+            self.tell("plan", n, ["error", f"{type(e).__name__}: {e}", None])
+            raise
         self.tell("plan", n, [action, why, fp])
     if action == "skip":
         self.log(f"{head}: done, skipped" + (f" (an earlier replacement attempt is kept in {stage}: delete it "
                                               f"to free its space)" if stage.exists() else ""))
         return "skipped"
     self.rebuilt.append(sd.resolve())
-    if self.dry_run: self.log(f"{head}: would run" + (f" ({why})" if why else "")); return "would run"
-    try: self.execute(st, action, why, head, fp, tag, sd, stage)
-    except BaseException as e: self.tell("done", n, ["error", f"{type(e).__name__}: {e}"]); raise
+    if self.dry_run:
+        self.log(f"{head}: would run" + (f" ({why})" if why else ""))
+        return "would run"
+    try:
+        self.execute(st, action, why, head, fp, tag, sd, stage)
+    except BaseException as e:
+        self.tell("done", n, ["error", f"{type(e).__name__}: {e}"])
+        raise
     self.tell("done", n, ["ok"])
     if self.follows: self.hear("done", n)   # rank 0 has marked it completed: the next step's plan reads that
     return "ran"
 
+# %% ../nbs/11c_runner.ipynb #b80cbf2a
 @patch
 def execute(self:_Walk, st, action, why, head, fp, tag, sd, stage):
     "Carry out a planned `action` on a step: clear it, build it in place or beside, swap the replacement in."
     t0, log, owner = time.time(), self.log, not self.rank
     log(f"{head}: running" + (f" shard {self.shard}" if self.shard is not None else "") + (f" ({why})" if why else ""))
     if action == "fresh" and owner:   # a failed step of other parameters starts afresh, never from their checkpoints
-        shutil.rmtree(sd); log(f"{head}: cleared {sd} (start afresh, not from checkpoints of other parameters)")
+        shutil.rmtree(sd)
+        log(f"{head}: cleared {sd} (start afresh, not from checkpoints of other parameters)")
     if action == "beside" and owner:
-        shutil.rmtree(stage, ignore_errors=True); write_json(stage/"attempt.json", dict(fingerprint=fp, started_at=utc_now()))
+        shutil.rmtree(stage, ignore_errors=True)
+        write_json(stage/"attempt.json", dict(fingerprint=fp, started_at=utc_now()))
     if action != "swap":
-        run_step(st, self.rec["nbs_dir"], self.run, self.root, fp=fp, progress=self.progress, cwd=self.cwd, shard=self.shard,
-                 keep_flags=self.keep_flags, log=log, stage=stage if action.endswith("beside") else None,
-                 dirs=self.dirs, cache=self.cache)
+        run_step(st, self.rec["nbs_dir"], self.run, self.root, fp=fp, progress=self.progress, cwd=self.cwd,
+                 shard=self.shard, keep_flags=self.keep_flags, log=log,
+                 stage=stage if action.endswith("beside") else None, dirs=self.dirs, cache=self.cache)
         self.save_cache()
     if action in ("beside", "resume-beside", "swap") and owner:
-        swap_in(self.rd, sd, stage, tag); log(f"{head}: the new {st['dir']} replaced the finished one")
-        self.moved(stage/self.rd.name/sd.name, sd); self.save_cache()
+        swap_in(self.rd, sd, stage, tag)
+        log(f"{head}: the new {st['dir']} replaced the finished one")
+        self.moved(stage/self.rd.name/sd.name, sd)
+        self.save_cache()
     log(f"{head}: completed in {fmt_seconds(time.time()-t0)}")
 
+# %% ../nbs/11c_runner.ipynb #26060d8d
 @patch
 def walk(self:_Walk, names) -> dict:
     "Run the steps `names` in recipe order; returns `{step: 'ran'|'skipped'|'would run'}`."
     done, ran_prev = {}, False
     for i, n in enumerate(self.order):
-        if n not in names: ran_prev = False; continue
+        if n not in names:
+            ran_prev = False
+            continue
         done[n] = self.step(i, n, ran_prev)
         ran_prev = done[n] != "skipped"
     return done
@@ -303,9 +355,11 @@ def _check_run(rec, run, steps, sets, keep_flags, shard) -> tuple:
         if len(names) != 1 or not rec["steps"][names[0]]["shards"]:
             raise RecipeError("--shard needs --steps with exactly one step that has `shards`")
         if not 0 <= shard < len(rec["steps"][names[0]]["shards"]["values"]):
-            raise RecipeError(f"--shard {shard}: step {names[0]!r} has {len(rec['steps'][names[0]]['shards']['values'])} shards")
+            raise RecipeError(f"--shard {shard}: step {names[0]!r} has "
+                              f"{len(rec['steps'][names[0]]['shards']['values'])} shards")
     return names, keep_flags
 
+# %% ../nbs/11c_runner.ipynb #e9dde679
 def _save_recipe(rd, rec):
     "The recipe as run (overrides applied) in `rd/recipe.yaml`."
     import yaml
@@ -314,6 +368,7 @@ def _save_recipe(rd, rec):
                        params=s["params"]) for n, s in rec["steps"].items()}), f, sort_keys=False, allow_unicode=True)
     make_readable(rd/"recipe.yaml")
 
+# %% ../nbs/11c_runner.ipynb #c3c2845c
 def run_recipe(recipe:str|Path|dict,  # recipe name, path, or a loaded recipe
                run:str="demo",        # run name: outputs go to `root/run/`
                root:str|Path="runs",  # folder of all runs

@@ -23,13 +23,16 @@ def notebook_code(nb_path) -> list:
     return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
             for c in nb.get("cells", []) if c.get("cell_type") == "code"]
 
+# %% ../nbs/11b_runstate.ipynb #8ad81bdd
 def _gone(p:Path) -> bool: return not p.exists() or p.is_dir() and not any(f.is_file() for f in p.rglob("*"))
 
+# %% ../nbs/11b_runstate.ipynb #9432114c
 def load_json_or_none(p):
     "The JSON at `p`, or None when it is missing or not JSON."
     with contextlib.suppress(FileNotFoundError, ValueError): return read_json(p)
     return None
 
+# %% ../nbs/11b_runstate.ipynb #cd50ddf3
 def _file_hash(f:Path, cache:dict) -> str:
     "`f`'s content hash, reused from `cache` while its size, mtime, inode and ctime hold (`os.utime` moves ctime too)."
     st = f.stat()
@@ -39,8 +42,10 @@ def _file_hash(f:Path, cache:dict) -> str:
         cache[str(f)] = hit = [*stamp, fingerprint(f)]
     return hit[4]
 
+# %% ../nbs/11b_runstate.ipynb #96c107fe
 def _visible(f:Path, top:Path) -> bool: return not any(x.startswith(".") for x in f.relative_to(top).parts)
 
+# %% ../nbs/11b_runstate.ipynb #a6c58006
 def output_files(step_dir, outputs, cache:dict=None) -> dict:
     """`{path: [size, hash]}` of every file of the listed `outputs` (files, or folders: the files in them, hidden ones
     left out), paths relative to `step_dir`; the step's own `manifest.json` is not an output."""
@@ -52,11 +57,13 @@ def output_files(step_dir, outputs, cache:dict=None) -> dict:
             if f != sd/"manifest.json": out[f.relative_to(sd).as_posix()] = [f.stat().st_size, _file_hash(f, cache)]
     return out
 
+# %% ../nbs/11b_runstate.ipynb #68122ec2
 def _run_cache(step_dir) -> dict:
     "The run's file-hash cache (`<run>/.fingerprints.json`, read only here), or an empty one."
     c = load_json_or_none(Path(step_dir).parent/".fingerprints.json")
     return c if isinstance(c, dict) else {}
 
+# %% ../nbs/11b_runstate.ipynb #819f26df
 def outputs_problem(step_dir, m:dict, cache:dict=None) -> str|None:
     """What differs between the outputs manifest `m` lists (and the sizes and hashes of their `files`) and the step
     folder; None when nothing does."""
@@ -72,6 +79,7 @@ def outputs_problem(step_dir, m:dict, cache:dict=None) -> str|None:
         if _file_hash(f, cache) != h: return f"output {rel} changed (content hash)"
     return None
 
+# %% ../nbs/11b_runstate.ipynb #74c98928
 def step_status(step_dir, cache:dict=None) -> tuple:
     """`(manifest, problem)`: `problem` is None for a completed step whose outputs are what its manifest records, else
     what is wrong."""
@@ -83,12 +91,14 @@ def step_status(step_dir, cache:dict=None) -> tuple:
     if m.get("status") != "completed": return m, f"{p} says {m.get('status')!r}"
     return m, outputs_problem(step_dir, m, cache)
 
+# %% ../nbs/11b_runstate.ipynb #ec892c54
 def manifest_token(step_dir, cache:dict=None) -> str|None:
     "A fingerprint of a completed step's manifest (None: missing, not completed, or its outputs gone or changed)."
     m, problem = step_status(step_dir, cache)
     keys = ("step", "params", "outputs", "files", "updated_at", "pipeline")
     return None if problem else fingerprint({k: m.get(k) for k in keys})
 
+# %% ../nbs/11b_runstate.ipynb #3d7ada41
 def input_paths(params:dict, cwd, own=()) -> dict:
     """`{value: path}` for the (filled) parameter strings that name a local file or folder, relative ones from `cwd` (where the
     kernel runs), except the folders in `own` (the step's own output), what is inside them and what holds them."""
@@ -102,6 +112,7 @@ def input_paths(params:dict, cwd, own=()) -> dict:
         if not any(p == o or p in o.parents or o in p.parents for o in own): out[s] = p
     return out
 
+# %% ../nbs/11b_runstate.ipynb #8a9617ca
 def input_fingerprint(p:Path, cache:dict=None) -> str:
     """Content fingerprint of a file or a folder (hidden files left out); a file's hash is reused from `cache` while its
     size, mtime, inode and ctime hold."""
@@ -111,6 +122,7 @@ def input_fingerprint(p:Path, cache:dict=None) -> str:
     files = sorted(f for f in p.rglob("*") if f.is_file() and _visible(f, p))
     return fingerprint({str(f.relative_to(p)): _file_hash(f, cache) for f in files})
 
+# %% ../nbs/11b_runstate.ipynb #630bc020
 def step_fingerprint(nb_path, params:dict, upstream:str|None, inputs:dict=None) -> str:
     "Fingerprint of a step: its notebook code, its (unfilled) parameters, the previous step's manifest token, its inputs' content."
     return fingerprint(dict(code=notebook_code(nb_path), params=params, upstream=upstream, inputs=inputs or {}))
@@ -118,14 +130,18 @@ def step_fingerprint(nb_path, params:dict, upstream:str|None, inputs:dict=None) 
 # %% ../nbs/11b_runstate.ipynb #52fbf0a7
 def utc_now(): return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
+# %% ../nbs/11b_runstate.ipynb #6af971aa
 def fmt_seconds(s): return f"{s:.1f}s" if s < 120 else f"{s/60:.1f}min"
 
+# %% ../nbs/11b_runstate.ipynb #66970693
 def make_readable(p):
     "Give a file written through a temp file (mode 0600) the usual umask permissions, so teammates can read run folders."
-    um = os.umask(0); os.umask(um)
+    um = os.umask(0)
+    os.umask(um)
     with contextlib.suppress(OSError): os.chmod(p, 0o666 & ~um)
     return Path(p)
 
+# %% ../nbs/11b_runstate.ipynb #74120878
 def update_manifest(step_dir, **kw):
     "Merge `kw` into `step_dir/manifest.json` (its `pipeline` dict merged too)."
     p = Path(step_dir)/"manifest.json"
@@ -134,6 +150,7 @@ def update_manifest(step_dir, **kw):
     m.update(kw, pipeline=pipe)
     return make_readable(write_json(p, m))
 
+# %% ../nbs/11b_runstate.ipynb #1af24bd0
 def update_state(rd, name, **kw):
     "Merge `kw` into step `name` of the run's `pipeline.json`."
     p = Path(rd)/"pipeline.json"
@@ -141,6 +158,7 @@ def update_state(rd, name, **kw):
     s.setdefault("steps", {}).setdefault(name, {}).update(kw)
     make_readable(write_json(p, s))
 
+# %% ../nbs/11b_runstate.ipynb #c459bad2
 def step_paths(rd, step:dict, shard:int=None) -> tuple:
     "`(tag, step folder, root given to the notebook)`; shard `i` of a step runs with root `rd/<dir>/shards/<ii>`."
     rd = Path(rd)
@@ -148,6 +166,7 @@ def step_paths(rd, step:dict, shard:int=None) -> tuple:
     sroot = rd/step["dir"]/"shards"/f"{shard:02d}"
     return f"{step['dir']}.shard{shard:02d}", sroot/rd.name/step["dir"], sroot
 
+# %% ../nbs/11b_runstate.ipynb #41c7bf79
 def finish_step(step_dir, cache:dict=None, **pipeline) -> dict:
     """Mark a step whose notebook ran to its last cell `completed`: its manifest must say `outputs-written` (or
     `completed`) and list outputs that exist; every file of them is recorded in `files` with its size and hash,
@@ -168,33 +187,44 @@ def stage_dir(rd, st, shard=None) -> Path:
     "The hidden folder where the replacement of a finished step (or shard) is built."
     return rd/f".{st['dir']}.new" if shard is None else rd/st["dir"]/"shards"/f".{shard:02d}.new"
 
+# %% ../nbs/11b_runstate.ipynb #fcdcf192
 def restore_swap(sd):
     "Undo a swap cut short between its two renames: the finished step goes back in place (or the replaced one is deleted)."
     old = sd.with_name(f".{sd.name}.old")
     if old.exists() and not sd.exists(): os.replace(old, sd)
     elif old.exists(): shutil.rmtree(old)
 
+# %% ../nbs/11b_runstate.ipynb #00eaafd8
 def swap_in(rd, sd, stage, tag):
     "Put the completed replacement built in `stage` in place of the step folder `sd`, then delete the old one."
     old = sd.with_name(f".{sd.name}.old")
     if sd.exists(): os.replace(sd, old)
     os.replace(stage/rd.name/sd.name, sd)
     if (stage/f"{tag}.ipynb").exists():
-        os.replace(stage/f"{tag}.ipynb", rd/f"{tag}.ipynb"); update_manifest(sd, pipeline=dict(executed=str(rd/f"{tag}.ipynb")))
-    shutil.rmtree(old, ignore_errors=True); shutil.rmtree(stage, ignore_errors=True)
+        os.replace(stage/f"{tag}.ipynb", rd/f"{tag}.ipynb")
+        update_manifest(sd, pipeline=dict(executed=str(rd/f"{tag}.ipynb")))
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(stage, ignore_errors=True)
 
+# %% ../nbs/11b_runstate.ipynb #cceefb4e
 def check_folders(paths):
     "A `UsageError` when a file stands where one of `paths` (folders, made later if missing) or a folder above it must be."
     from anita.recipe import UsageError
     for p in paths:
         q = next(a for a in (p, *p.parents) if a.exists() or a == a.parent)
-        if not q.is_dir(): raise UsageError(f"{q} is a file, not a folder" + (f" (needed for {p})" if q != p else "") + ": move it away")
+        if not q.is_dir():
+            raise UsageError(f"{q} is a file, not a folder" + (f" (needed for {p})" if q != p else "")
+                             + ": move it away")
 
+# %% ../nbs/11b_runstate.ipynb #4e05cf84
 @contextlib.contextmanager
 def run_lock(rd):
     "An exclusive lock on a run folder (released when the process ends, even by SIGKILL)."
-    if process_rank(): yield; return
-    p = Path(rd)/".lock"; p.parent.mkdir(parents=True, exist_ok=True)
+    if process_rank():
+        yield
+        return
+    p = Path(rd)/".lock"
+    p.parent.mkdir(parents=True, exist_ok=True)
     f = open(p, "a+")
     try:
         try:
@@ -202,8 +232,12 @@ def run_lock(rd):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError: pass
         except OSError:
-            f.seek(0); raise RuntimeError(f"{rd} is in use by another anita-run ({f.read().strip() or 'unknown pid'})") from None
-        f.seek(0); f.truncate(); f.write(f"pid {os.getpid()}\n"); f.flush()
+            f.seek(0)
+            raise RuntimeError(f"{rd} is in use by another anita-run ({f.read().strip() or 'unknown pid'})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
         yield
     finally: f.close()
 

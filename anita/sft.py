@@ -24,7 +24,8 @@ __all__ = ['TRAINER_KEYS', 'SFT_STAGE', 'latest_checkpoint', 'prepare_resume', '
            'usable_checkpoint', 'damaged_report', 'write_train_log', 'oom_guard', 'resolve_report_to', 'train_args',
            'Stage', 'load_model', 'drop_ref_adapter', 'make_trainer', 'run_training', 'reuse_packing', 'keep_packing',
            'steady_tokens_per_s', 'save_adapter_and_logs', 'peak_memory_gb', 'train_report', 'save_merged_with_card',
-           'run_generations', 'fit', 'sft_data', 'train_sft', 'load_step_data', 'loss_table']
+           'run_generations', 'fit', 'sft_data', 'train_sft', 'load_step_data', 'loss_table', 'run_train_step',
+           'run_sft']
 
 # %% ../nbs/02_sft.ipynb #8e13e992
 def latest_checkpoint(ckpt_dir) -> str|None:
@@ -330,6 +331,7 @@ def fit(stage:Stage,          # what makes the step SFT, DPO or the Italian adap
     t_start, out_dir, step = time.time(), Path(out_dir), step or stage.name
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = step_config(stage.config, model=str(model), **opts)
+    if cfg.n_train: dataset = dataset.select(range(min(cfg.n_train, len(dataset))))
     cfg = replace(cfg, backend=pick_backend(cfg.backend, model))
     init_distributed(cfg.backend in ("unsloth", "hf"))   # several processes: every rank trains, rank 0 writes
     m, tok, loaded = load_model(cfg)
@@ -419,3 +421,26 @@ def loss_table(log_json, every:int=1) -> str:
     "A small text table of step / loss from `train_log.json`."
     rows = read_json(log_json)
     return "\n".join(["step  loss"] + [f"{r['step']:>4}  {r['loss']:.4f}" for r in rows[::every]])
+
+# %% ../nbs/02_sft.ipynb #8011ed57
+def run_train_step(train,          # the step's training function: `train_sft`, `anita.dpo.train_dpo`, `anita.ita.train_ita`
+                   kind:str,       # its split of the data step: sft | dpo | ita
+                   label:str,      # its name in the manifest: 02_sft | 03_dpo | 04_ita
+                   cfg,            # its config (`notebook_config`: the preset and what the pipeline set)
+                   step_dir,       # the step's folder
+                   data_dir=None,  # the data step's folder; None: the shipped sample, prepared inline
+                   **prep) -> dict:
+    """Load the step's data, train it with `cfg` into `step_dir`, and record the manifest: the config, the inputs and every
+    output. The step is `outputs-written` then; the pipeline marks it completed once the notebook's last cell ran."""
+    step_dir = Path(step_dir)
+    ds = load_step_data(data_dir, kind, cfg.model, **prep)
+    inputs = dict(model=cfg.model, **({"data": data_dir} if data_dir else {}))
+    with step_manifest(step_dir, label, {**asdict(cfg), "data_dir": data_dir}, inputs) as outputs:
+        res = train(dataset=ds, out_dir=step_dir, **asdict(cfg))
+        outputs += [res[k] for k in ("adapter", "merged", "log", "log_csv", "loss_png", "card", "generations", "report_path")]
+    return res
+
+# %% ../nbs/02_sft.ipynb #7b47e86b
+def run_sft(cfg:SFTStepConfig, step_dir, data_dir=None) -> dict:
+    "The SFT step: `train_sft` with `cfg` on the data step's `sft` rows (`data_dir`), into `step_dir`."
+    return run_train_step(train_sft, "sft", "02_sft", cfg, step_dir, data_dir)

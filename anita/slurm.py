@@ -23,6 +23,7 @@ def _hub_id(v) -> bool:
     return (isinstance(v, str) and _HUB_ID.fullmatch(v) is not None and "{" not in v
             and not v.startswith((".", "/", "~")) and not Path(v).expanduser().exists())
 
+# %% ../nbs/12_slurm.ipynb #f33b393e
 def _suite_tasks(suite) -> list:
     "lm-eval task names of a suite name, a comma list of suites/tasks, or a list of them."
     from anita.eval_harness import SUITES
@@ -34,6 +35,7 @@ def _suite_tasks(suite) -> list:
         else: out.append(str(it))
     return out
 
+# %% ../nbs/12_slurm.ipynb #7ed76559
 def prefetch_list(recipe:dict,    # a loaded recipe (`load_recipe`, after `apply_sets`)
                   steps=None      # only these steps (default: all)
                  ) -> list:
@@ -42,9 +44,12 @@ def prefetch_list(recipe:dict,    # a loaded recipe (`load_recipe`, after `apply
     out, seen = [], set()
     def add(kind, id, step, param, **kw):
         key = (kind, id, kw.get("config"))
-        if key not in seen: seen.add(key); out.append(dict(kind=kind, id=id, step=step, param=param, **kw))
+        if key not in seen:
+            seen.add(key)
+            out.append(dict(kind=kind, id=id, step=step, param=param, **kw))
     for n in select_steps(recipe, steps):
-        st = recipe["steps"][n]; p = st["params"]
+        st = recipe["steps"][n]
+        p = st["params"]
         for k, v in p.items():
             if k == "model" and _hub_id(v): add("model", v, n, k)
             elif k == "models" and isinstance(v, dict):
@@ -60,9 +65,11 @@ def prefetch_list(recipe:dict,    # a loaded recipe (`load_recipe`, after `apply
                     if not t.startswith(_LOCAL_TASK_PREFIX): add("lm-eval", t, n, "suite")
     return out
 
+# %% ../nbs/12_slurm.ipynb #edb53500
 def online_steps(recipe:dict, steps=None) -> list:
     "Steps that need the network even after the prefetch job: those reading a dataset by streaming."
-    return sorted({x["step"] for x in prefetch_list(recipe, steps) if x["kind"] == "stream"}, key=list(recipe["steps"]).index)
+    return sorted({x["step"] for x in prefetch_list(recipe, steps) if x["kind"] == "stream"},
+                  key=list(recipe["steps"]).index)
 
 # %% ../nbs/12_slurm.ipynb #09356979
 def prefetch(recipe:dict, rd=None, steps=None, log=print) -> list:
@@ -95,6 +102,7 @@ def prefetch(recipe:dict, rd=None, steps=None, log=print) -> list:
 class SlurmError(RuntimeError):
     "A chain cannot be submitted (resources beyond the partition, a chain of the same run still queued, sbatch failed)."
 
+# %% ../nbs/12_slurm.ipynb #599cbdff
 _ENV_RES = dict(gpus="GPUS", cpus="CPUS", time="TIME", mem="MEM", partition="PARTITION", account="ACCOUNT", qos="QOS")
 
 def step_resources(recipe:dict, name:str, env=None) -> dict:
@@ -105,6 +113,7 @@ def step_resources(recipe:dict, name:str, env=None) -> dict:
         if env.get(var): r[k] = env[var]
     return {k: str(v) for k, v in r.items() if v is not None and str(v) != ""}
 
+# %% ../nbs/12_slurm.ipynb #60362e2c
 def parse_time(s) -> int|None:
     "Slurm time (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`, `D-HH:MM:SS`) in minutes; None for `infinite`/`UNLIMITED`."
     s = str(s).strip()
@@ -115,6 +124,7 @@ def parse_time(s) -> int|None:
     else: h, m, sec = ([0] + p if len(p) == 2 else [0, p[0], 0] if len(p) == 1 else p)[:3]
     return int(d)*1440 + h*60 + m + (1 if sec else 0)
 
+# %% ../nbs/12_slurm.ipynb #959970f1
 def _gres_gpus(g:str) -> int:
     "GPUs in a `sinfo %G` value such as `gpu:h100:4(S:0-1),shard:8` (0 for `(null)`)."
     return sum(int(m) for m in re.findall(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)", g or ""))
@@ -135,52 +145,62 @@ def partition_info(partition:str=None) -> dict|None:
     return dict(partition=rows[0][0].rstrip("*"), nodes=len(rows), cpus=max(int(r[1].rstrip("+")) for r in rows),
                 gpus=max(_gres_gpus(r[2]) for r in rows), time_min=parse_time(rows[0][3]))
 
+# %% ../nbs/12_slurm.ipynb #27a4e009
 def check_resources(name:str, res:dict, part:dict, nshards:int=0) -> None:
     "Raise a `SlurmError` saying what to change when step `name`'s request `res` cannot run on partition `part`."
     if not part: return
     where = f"step {name!r} asks for"
     p = f"partition {part['partition']!r}"
-    if not part["nodes"]: raise SlurmError(f"{p} has no usable nodes (sinfo -p {part['partition']}): choose another with PARTITION=...")
+    if not part["nodes"]:
+        raise SlurmError(f"{p} has no usable nodes (sinfo -p {part['partition']}): choose another with PARTITION=...")
     cpus, gpus, nodes = int(res.get("cpus", 1)), int(res.get("gpus", 0)), int(res.get("nodes", 1))
     if cpus > part["cpus"]:
         raise SlurmError(f"{where} {cpus} CPUs per task but the nodes of {p} have at most {part['cpus']}: "
-                         f"set CPUS={part['cpus']} (or the recipe's slurm.cpus), or choose another partition with PARTITION=...")
+                         f"set CPUS={part['cpus']} (or the recipe's slurm.cpus), "
+                         "or choose another partition with PARTITION=...")
     if gpus > part["gpus"]:
         raise SlurmError(f"{where} {gpus} GPUs per node but the nodes of {p} have " +
                          (f"at most {part['gpus']}" if part["gpus"] else "none") +
-                         f": set GPUS={part['gpus']} (or the recipe's slurm.gpus), or choose a GPU partition with PARTITION=...")
+                         f": set GPUS={part['gpus']} (or the recipe's slurm.gpus), "
+                         "or choose a GPU partition with PARTITION=...")
     if nodes > part["nodes"]:
         raise SlurmError(f"{where} {nodes} nodes but {p} has {part['nodes']}: lower the recipe's slurm.nodes")
     t = parse_time(res["time"]) if res.get("time") else None
     if t and part["time_min"] and t > part["time_min"]:
-        raise SlurmError(f"{where} --time={res['time']} but {p} allows at most {part['time_min']} minutes: set TIME=... "
+        raise SlurmError(f"{where} --time={res['time']} but {p} allows at most {part['time_min']} minutes: "
+                         "set TIME=... "
                          "(a step that reaches its limit is requeued and resumes from its checkpoint)")
 
 # %% ../nbs/12_slurm.ipynb #ac45e11b
 SCRIPTS = dict(step="step.sbatch", array="eval_array.sbatch", multinode="train_multinode.sbatch",
                prefetch="prefetch.sbatch", report="report.sbatch")
 
-def job_plan(recipe:dict, run:str, root, steps=None, sets=(), force:bool=False, prefetch_job:bool=None, env=None) -> list:
+def job_plan(recipe:dict, run:str, root, steps=None, sets=(), force:bool=False, prefetch_job:bool=None,
+             env=None) -> list:
     "The chain's jobs: `dict(name, script, opts, env, after)` per job, prefetch first (when needed) and report last."
     env = os.environ if env is None else env
-    root = Path(root).absolute(); rd = root/run; logs = rd/"logs"
+    root = Path(root).absolute()
+    rd = root/run
+    logs = rd/"logs"
     names = select_steps(recipe, steps)
     items = prefetch_list(recipe, names)
     if prefetch_job is None:   # PREFETCH=0: already downloaded (e.g. on a login node)
         prefetch_job = env.get("PREFETCH", "1") != "0" and any(x["kind"] != "stream" for x in items)
     online = set(online_steps(recipe, names))
     lead = int(env.get("ANITA_SIGNAL_S") or 120)
-    base = dict(RECIPE=str(Path(recipe["path"]).absolute()), RUN=run, ROOT=str(root), ANITA_SETS="\n".join(sets or ()),
-                ANITA_FORCE="1" if force else "0")
+    base = dict(RECIPE=str(Path(recipe["path"]).absolute()), RUN=run, ROOT=str(root),
+                ANITA_SETS="\n".join(sets or ()), ANITA_FORCE="1" if force else "0")
     common = ["--parsable", "--requeue", "--open-mode=append", f"--comment=anita:{rd}"]
     for k in ("partition", "account", "qos"):
         if env.get(_ENV_RES[k]): common.append(f"--{k}={env[_ENV_RES[k]]}")
     jobs = []
     if prefetch_job:
-        jobs.append(dict(name="prefetch", script=SCRIPTS["prefetch"], after=None, env=dict(base, STEP="prefetch", ANITA_OFFLINE="0",
-                         ANITA_PREFETCH_STEPS=",".join(names)),
-                         opts=common + ["--job-name=anita-" + run + "-prefetch", f"--output={logs}/slurm-%x-%j.out", "--time=04:00:00",
-                                        *([f"--partition={env['PREFETCH_PARTITION']}"] if env.get("PREFETCH_PARTITION") else [])]))
+        jobs.append(dict(name="prefetch", script=SCRIPTS["prefetch"], after=None,
+                         env=dict(base, STEP="prefetch", ANITA_OFFLINE="0", ANITA_PREFETCH_STEPS=",".join(names)),
+                         opts=common + ["--job-name=anita-" + run + "-prefetch", f"--output={logs}/slurm-%x-%j.out",
+                                        "--time=04:00:00",
+                                        *([f"--partition={env['PREFETCH_PARTITION']}"]
+                                          if env.get("PREFETCH_PARTITION") else [])]))
     for n in names:
         st, res = recipe["steps"][n], step_resources(recipe, n, env)
         nodes, nshards = int(res.get("nodes", 1)), len(st["shards"]["values"]) if st["shards"] else 0
@@ -188,12 +208,15 @@ def job_plan(recipe:dict, run:str, root, steps=None, sets=(), force:bool=False, 
         opts, job_env = list(common), {}
         for k, v in res.items():
             if k in ("partition", "account", "qos") and env.get(_ENV_RES[k]): continue   # already in common
-            if k == "procs": job_env["PROCS_PER_NODE"] = str(procs); continue
+            if k == "procs":
+                job_env["PROCS_PER_NODE"] = str(procs)
+                continue
             if k == "gpus": opts += [f"--gpus-per-node={v}"] if int(v) > 0 else []
             elif k == "cpus": opts.append(f"--cpus-per-task={v}")
             else: opts.append(f"--{k}={v}")
         if nshards:
-            kind = "array"; opts += [f"--array=0-{nshards-1}", f"--output={logs}/slurm-%x-%A_%a.out"]
+            kind = "array"
+            opts += [f"--array=0-{nshards-1}", f"--output={logs}/slurm-%x-%A_%a.out"]
         else:
             kind = "multinode" if nodes > 1 or "procs" in res and procs > 1 else "step"
             opts.append(f"--output={logs}/slurm-%x-%j.out")
@@ -201,8 +224,10 @@ def job_plan(recipe:dict, run:str, root, steps=None, sets=(), force:bool=False, 
         opts += [f"--job-name=anita-{run}-{n}", f"--signal=B:USR1@{lead}"]
         jobs.append(dict(name=n, script=SCRIPTS[kind], after=jobs[-1]["name"] if jobs else None, opts=opts,
                          env=dict(base, STEP=n, ANITA_OFFLINE="0" if n in online else "1", **job_env)))
-    jobs.append(dict(name="report", script=SCRIPTS["report"], after=[j["name"] for j in jobs], env=dict(base, STEP="report", ANITA_OFFLINE="1"),
-                     opts=common + [f"--job-name=anita-{run}-report", f"--output={logs}/slurm-%x-%j.out", "--time=00:30:00"]))
+    jobs.append(dict(name="report", script=SCRIPTS["report"], after=[j["name"] for j in jobs],
+                     env=dict(base, STEP="report", ANITA_OFFLINE="1"),
+                     opts=common + [f"--job-name=anita-{run}-report", f"--output={logs}/slurm-%x-%j.out",
+                                    "--time=00:30:00"]))
     return jobs
 
 # %% ../nbs/12_slurm.ipynb #6b0f139f
@@ -217,17 +242,20 @@ def queued_chain(rd) -> list:
         if len(f) == 4 and f[3] == tag: out.setdefault(f[0], (f[0], f[1], f[2]))
     return list(out.values())
 
+# %% ../nbs/12_slurm.ipynb #2b459889
 def _sbatch(args, env) -> str:
     r = subprocess.run(["sbatch", *args], capture_output=True, text=True, env=env)
     if r.returncode: raise SlurmError(f"sbatch {' '.join(args)} failed: {(r.stderr or r.stdout).strip()}")
     return r.stdout.strip().split(";")[0]
 
+# %% ../nbs/12_slurm.ipynb #27024fae
 def repo_dir() -> Path:
     "The checkout whose `slurm/` scripts the jobs run: `$ANITA_REPO`, else the one holding the imported `anita` package."
     import anita
     d = Path(os.environ.get("ANITA_REPO") or Path(anita.__file__).resolve().parent.parent)
     if not (d/"slurm"/"step.sbatch").exists():
-        raise FileNotFoundError(f"{d/'slurm'}: anita's Slurm scripts not found (set ANITA_REPO to a checkout of the anita repository)")
+        raise FileNotFoundError(f"{d/'slurm'}: anita's Slurm scripts not found "
+                                "(set ANITA_REPO to a checkout of the anita repository)")
     return d
 
 # %% ../nbs/12_slurm.ipynb #7f60e7b8
@@ -237,17 +265,21 @@ def _check_previous(rec:dict, names:list, rd:Path):
     if first and list(rec["steps"])[first-1] not in names:
         prev = list(rec["steps"])[first-1]
         if manifest_token(rd/rec["steps"][prev]["dir"]) is None:
-            raise RecipeError(f"step {names[0]!r} needs step {prev!r} completed first ({rd/rec['steps'][prev]['dir']/'manifest.json'} "
+            raise RecipeError(f"step {names[0]!r} needs step {prev!r} completed first "
+                              f"({rd/rec['steps'][prev]['dir']/'manifest.json'} "
                               f"is missing or not completed): submit it too, e.g. --steps {prev},{names[0]}")
 
+# %% ../nbs/12_slurm.ipynb #cfdd5b13
 def _job_env(nbs_dir=None) -> tuple:
     "`(checkout, environment)` the jobs run with: `ANITA_REPO`, this venv as `ANITA_VENV` (unless set), `ANITA_NBS`."
     repo = repo_dir()
     env = dict(os.environ, ANITA_REPO=str(repo))
-    if not env.get("ANITA_VENV") and sys.prefix != sys.base_prefix: env["ANITA_VENV"] = sys.prefix   # jobs use this Python
+    if not env.get("ANITA_VENV") and sys.prefix != sys.base_prefix:
+        env["ANITA_VENV"] = sys.prefix   # jobs use this Python
     if nbs_dir: env["ANITA_NBS"] = str(Path(nbs_dir).absolute())
     return repo, env
 
+# %% ../nbs/12_slurm.ipynb #b39d0546
 def _check_partitions(rec:dict, jobs:list, env:dict):
     "Each step job's resources against its partition (`partition_info`, read once per partition); the report job is not checked."
     parts = {}
@@ -255,19 +287,24 @@ def _check_partitions(rec:dict, jobs:list, env:dict):
         res = step_resources(rec, j["name"], env) if j["name"] in rec["steps"] else {}
         pk = env.get("PARTITION") or res.get("partition")
         if pk not in parts: parts[pk] = partition_info(pk)
-        nsh = len(rec["steps"][j["name"]]["shards"]["values"]) if j["name"] in rec["steps"] and rec["steps"][j["name"]]["shards"] else 0
+        nsh = (len(rec["steps"][j["name"]]["shards"]["values"])
+               if j["name"] in rec["steps"] and rec["steps"][j["name"]]["shards"] else 0)
         check_resources(j["name"], res, parts[pk], nsh)
 
+# %% ../nbs/12_slurm.ipynb #77bc937c
 def _clear_queue(rd:Path, run:str, replace:bool=False, log=print):
     "A chain of this run still queued: an error, or (`replace`) cancelled."
     old = queued_chain(rd)
     if old and not replace:
-        raise SlurmError(f"run {run!r} ({rd}) already has a chain in the queue: " + ", ".join(f"{n} {i} {s}" for i, n, s in old) +
-                         ". Wait for it, cancel it (scancel " + " ".join(i for i, _, _ in old) + "), or resubmit with --replace")
+        raise SlurmError(f"run {run!r} ({rd}) already has a chain in the queue: " +
+                         ", ".join(f"{n} {i} {s}" for i, n, s in old) +
+                         ". Wait for it, cancel it (scancel " + " ".join(i for i, _, _ in old) +
+                         "), or resubmit with --replace")
     if old:
         subprocess.run(["scancel", *[i for i, _, _ in old]], check=False)
         log(f"cancelled the queued chain of run {run!r}: {' '.join(i for i, _, _ in old)}")
 
+# %% ../nbs/12_slurm.ipynb #ae306d68
 def _submit_jobs(jobs:list, repo:Path, env:dict, log=print) -> dict:
     "`sbatch` each job in order, after the jobs it depends on (`afterok`; `afterany` for a list); returns `{job name: job id}`."
     extra = (env.get("SBATCH_EXTRA") or "").split()
@@ -288,14 +325,16 @@ def submit_chain(recipe:str|Path|dict, run:str="demo", root="runs", steps=None, 
     names = select_steps(rec, steps)
     apply_sets(rec, sets)
     check_recipe_params(rec, names)
-    root = Path(root).absolute(); rd = root/run
+    root = Path(root).absolute()
+    rd = root/run
     _check_previous(rec, names, rd)
     repo, env = _job_env(nbs_dir)
     jobs = job_plan(rec, run, root, names, sets, force, env=env)
     if dry_run:
         for j in jobs: log(f"{j['name']}: sbatch {' '.join(j['opts'])} slurm/{j['script']}")
         return {j["name"]: None for j in jobs}
-    if not shutil.which("sbatch"): raise SlurmError("sbatch not found: run this on a Slurm login node (or without --slurm to run here)")
+    if not shutil.which("sbatch"):
+        raise SlurmError("sbatch not found: run this on a Slurm login node (or without --slurm to run here)")
     _check_partitions(rec, jobs, env)
     _clear_queue(rd, run, replace, log)
     (rd/"logs").mkdir(parents=True, exist_ok=True)
@@ -309,37 +348,57 @@ def main(argv=None) -> int:
     "`python -m anita.slurm [submit] RECIPE [RUN] [--root --steps --set --force --replace --dry-run]`, or `... prefetch --recipe R`."
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["prefetch"]:
-        p = argparse.ArgumentParser(prog="python -m anita.slurm prefetch", description="Download what a recipe names into the HF cache.")
-        p.add_argument("--recipe", default="tiny"); p.add_argument("--run", default=None); p.add_argument("--root", default="runs")
-        p.add_argument("--steps", default=None); p.add_argument("--set", dest="sets", action="append", default=[])
+        p = argparse.ArgumentParser(prog="python -m anita.slurm prefetch",
+                                    description="Download what a recipe names into the HF cache.")
+        p.add_argument("--recipe", default="tiny")
+        p.add_argument("--run", default=None)
+        p.add_argument("--root", default="runs")
+        p.add_argument("--steps", default=None)
+        p.add_argument("--set", dest="sets", action="append", default=[])
         p.add_argument("--list", action="store_true", help="print the list, download nothing")
         a = p.parse_args(argv[1:])
         try:
             rec = apply_sets(load_recipe(a.recipe), a.sets)
             if a.list:
-                for x in prefetch_list(rec, a.steps): print("\t".join([x["kind"], x["id"], f"{x['step']}.{x['param']}"]))
+                for x in prefetch_list(rec, a.steps):
+                    print("\t".join([x["kind"], x["id"], f"{x['step']}.{x['param']}"]))
                 return 0
             prefetch(rec, run_dir(a.run, root=Path(a.root).absolute()) if a.run else None, a.steps,
                      log=lambda s: print(s, flush=True))
             return 0
-        except (RecipeError, FileNotFoundError) as e: print(f"anita prefetch: error: {e}", file=sys.stderr); return 2
+        except (RecipeError, FileNotFoundError) as e:
+            print(f"anita prefetch: error: {e}", file=sys.stderr)
+            return 2
     if argv[:1] == ["submit"]: argv = argv[1:]
-    p = argparse.ArgumentParser(prog="slurm/submit.sh", description="Submit an anita recipe to Slurm as a chain of jobs.")
+    p = argparse.ArgumentParser(prog="slurm/submit.sh",
+                                description="Submit an anita recipe to Slurm as a chain of jobs.")
     p.add_argument("recipe", nargs="?", default=os.environ.get("RECIPE", "tiny"))
     p.add_argument("run", nargs="?", default=os.environ.get("RUN", "demo"))
     p.add_argument("--root", default=os.environ.get("ROOT", "runs"))
-    p.add_argument("--steps", default=None); p.add_argument("--set", dest="sets", action="append", default=[])
-    p.add_argument("--force", action="store_true"); p.add_argument("--replace", action="store_true")
-    p.add_argument("--nbs-dir", default=None); p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--steps", default=None)
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--replace", action="store_true")
+    p.add_argument("--nbs-dir", default=None)
+    p.add_argument("--dry-run", action="store_true")
     a = p.parse_args(argv)
     sets = a.sets + [s for s in os.environ.get("ANITA_SETS", "").splitlines() if s.strip()]
     return submit(a.recipe, a.run, a.root, a.steps, sets, a.force, a.replace, a.dry_run, a.nbs_dir)
 
-def submit(recipe, run, root="runs", steps=None, sets=(), force=False, replace=False, dry_run=False, nbs_dir=None) -> int:
+# %% ../nbs/12_slurm.ipynb #bb4f5d48
+def submit(recipe, run, root="runs", steps=None, sets=(), force=False, replace=False, dry_run=False,
+           nbs_dir=None) -> int:
     "`submit_chain` with the errors printed for a command line: 0 submitted, 1 Slurm refused, 2 bad input."
-    try: submit_chain(recipe, run, root, steps, sets, force, replace, dry_run, nbs_dir, log=lambda s: print(s, flush=True)); return 0
-    except (RecipeError, FileNotFoundError) as e: print(f"anita slurm: error: {e}", file=sys.stderr); return 2
-    except SlurmError as e: print(f"anita slurm: error: {e}", file=sys.stderr); return 1
+    try:
+        submit_chain(recipe, run, root, steps, sets, force, replace, dry_run, nbs_dir,
+                     log=lambda s: print(s, flush=True))
+        return 0
+    except (RecipeError, FileNotFoundError) as e:
+        print(f"anita slurm: error: {e}", file=sys.stderr)
+        return 2
+    except SlurmError as e:
+        print(f"anita slurm: error: {e}", file=sys.stderr)
+        return 1
 
 # %% ../nbs/12_slurm.ipynb #038ffa6a
 #| eval: false

@@ -9,7 +9,7 @@ from .core import PAPER_BASE
 
 # %% auto #0
 __all__ = ['LORA_TARGETS', 'GEN_PROMPTS', 'SOURCES', 'TRL_NAMES', 'param', 'TrainStepConfig', 'SFTStepConfig', 'step_config',
-           'notebook_config', 'config_table']
+           'preset_values', 'notebook_config', 'config_table']
 
 # %% ../nbs/02b_trainconfig.ipynb #a38af2c1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,6 +60,8 @@ class TrainStepConfig:
     gen_max_new_tokens: int = param(512, "paper", "generation check: new tokens (as the paper's examples)")
     gen_temperature: float = param(0.6, "paper", "generation check: sampling temperature")
     gen_top_p: float = param(0.9, "paper", "generation check: top-p")
+    n_train: int|None = param(None, "anita", "train on the first N rows only; None: all of them")
+    PRESETS = dict(paper={})   # name -> the fields it sets over the defaults (a subclass names its own)
 
 # %% ../nbs/02b_trainconfig.ipynb #820c3056
 @dataclass
@@ -69,6 +71,10 @@ class SFTStepConfig(TrainStepConfig):
     completion_only: bool|None = param(None, "anita", "loss on the completion only; None: for prompt/completion rows")
     tokens_per_step: int|None = param(None, "anita", "real tokens per optimizer step; None: the unpacked batch's")
     micro_batch_tokens: int|None = param(None, "anita", "packed tokens per device per micro-batch; None: `max_length`")
+    PRESETS = dict(paper={}, tiny=dict(   # tiny: the CPU demo (`make demo`, nbdev_test), a few optimizer steps on the embedded model
+        model="embedded", lora_alpha=16, max_length=128, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=0,
+        optim="adamw_torch", max_steps=8, epochs=3, packing=True, gradient_checkpointing=False, save_steps=4,
+        logging_steps=1, gen_max_new_tokens=16, n_train=8))
 
 # %% ../nbs/02b_trainconfig.ipynb #cea254bb
 TRL_NAMES = dict(   # recipe key -> the TRL/transformers field it sets, where the names differ (the others are the same)
@@ -85,9 +91,18 @@ def step_config(cls, **values):
     return cls(**values)
 
 # %% ../nbs/02b_trainconfig.ipynb #388318e5
+def preset_values(cls, preset:str="paper") -> dict:
+    "Every field of config `cls` under its preset `preset` (`cls.PRESETS[preset]` over the defaults)."
+    presets = getattr(cls, "PRESETS", {"paper": {}})
+    if preset not in presets:
+        raise ValueError(f"{cls.__name__}: no preset {preset!r} (its presets: {', '.join(presets)})")
+    return {**{f.name: f.default for f in fields(cls)}, **presets[preset]}
+
 def notebook_config(cls, ns:dict):
-    "The `cls` config of a step notebook: the fields its parameter cell set in namespace `ns`, defaults for the rest."
-    return cls(**{f.name: ns[f.name] for f in fields(cls) if f.name in ns})
+    """The `cls` config of a step notebook: the preset its parameter cell names (`ns["preset"]`, default `paper`), with the
+    fields set in namespace `ns` (the pipeline injects them with papermill) over it."""
+    over = {f.name: ns[f.name] for f in fields(cls) if f.name in ns}
+    return step_config(cls, **{**preset_values(cls, ns.get("preset", "paper")), **over})
 
 def config_table(cls) -> str:
     "A Markdown table of `cls`'s fields: default, source, meaning."

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TRAINERS', 'AnitaTrainerMixin', 'AnitaSFTTrainer', 'AnitaDPOTrainer', 'LogCallback']
 
-# %% ../nbs/02a_trainers.ipynb #a9b7583f
+# %% ../nbs/02a_trainers.ipynb #8e4f407c
 import os, shutil, time
 from pathlib import Path
 from transformers import TrainerCallback
@@ -46,7 +46,7 @@ class AnitaTrainerMixin:
         try: return super()._load_optimizer_and_scheduler(checkpoint)
         finally: torch.load = load
 
-# %% ../nbs/02a_trainers.ipynb #40291562
+# %% ../nbs/02a_trainers.ipynb #6259bbca
 class AnitaSFTTrainer(AnitaTrainerMixin, SFTTrainer):
     "TRL's `SFTTrainer` with atomic checkpoints and a real-token counter."
 

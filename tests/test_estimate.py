@@ -96,7 +96,9 @@ def test_full_depth_settings_from_recipe(tmp_path):
     assert (sft["max_length"], sft["gradient_checkpointing"], sft["optim"]) == (8192, True, "paged_adamw_8bit")
     assert (s["dpo"]["batch_size"], s["dpo"]["max_length"], s["ita"]["max_length"]) == (4, 1024, 8192)
     rec = tmp_path/"paper-copy.yaml"      # a value changed in a copy of the recipe shows in the part's settings
-    rec.write_text((Path(load_recipe("paper")["path"])).read_text().replace("max_length: 1024 ", "max_length: 2048 "))
+    text = Path(load_recipe("paper")["path"]).read_text()
+    assert text.count('model: "{steps.sft}/merged"') == 1
+    rec.write_text(text.replace('model: "{steps.sft}/merged"', 'max_length: 2048\n      model: "{steps.sft}/merged"'))
     assert full_depth_settings(str(rec))["dpo"]["max_length"] == 2048
     c = llama3_8b_config(32)             # full depth: the 8B's shape
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,

@@ -79,9 +79,13 @@ def test_recipe_file_ranges(tmp_path, capsys):
     "The same rules hold for values written in a recipe file."
     y = tmp_path/"t.yaml"
     args = ("--nbs-dir", str(ROOT/"nbs"), "--root", str(tmp_path/"runs"), "--run", "r", "--dry-run")
-    y.write_text((ROOT/"anita/recipes/tiny.yaml").read_text().replace("n_heldout_en: 20", "n_heldout_en: -3"))
+    tiny = (ROOT/"anita/recipes/tiny.yaml").read_text()
+    data_preset = "      preset: tiny                    # DataStepConfig"
+    assert tiny.count(data_preset) == 1
+    y.write_text(tiny.replace(data_preset, "      n_heldout_en: -3\n" + data_preset))
     _one_line(*_cli(capsys, "--recipe", str(y), *args)[:2], f"{y}: data.n_heldout_en: must be >= 0, got -3")
-    y.write_text((ROOT/"anita/recipes/tiny.yaml").read_text().replace("lr: 1.0e-3 ", "lr: .inf "))
+    assert tiny.count("      preset: tiny                              # SFTStepConfig") == 1
+    y.write_text(tiny.replace("      preset: tiny                              # SFTStepConfig", "      lr: .inf\n      preset: tiny  # SFTStepConfig"))
     _one_line(*_cli(capsys, "--recipe", str(y), *args)[:2], f"{y}: sft.lr: must be a finite number, got inf")
 
 def test_every_default_passes_the_rules():
@@ -96,8 +100,8 @@ def test_every_default_passes_the_rules():
                 except ValueError: continue
                 check_range(name, v, f"{nb.name}: {name}"); n += 1
     assert n > 100
-    for r in ("tiny", "paper"):
-        for s, st in load_recipe(r, ROOT/"nbs")["steps"].items():
+    for r in ("tiny", "paper"):   # with the presets resolved: every value of every preset of the training steps
+        for s, st in apply_sets(load_recipe(r, ROOT/"nbs"), [])["steps"].items():
             for k, v in st["params"].items(): check_range(k, v, f"{r}: {s}.{k}")
 
 def test_report_only_dry_run_writes_nothing(nbs, tmp_path, capsys):

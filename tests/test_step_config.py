@@ -1,18 +1,21 @@
-"""Each training step's defaults are written once, in its config dataclass (`SFTStepConfig`, `DPOStepConfig`,
-`ITAStepConfig`): the recipes and the notebooks' parameter cells must agree with them. The notebooks' cells hold the tiny
-demo's values (nbdev_test runs them), the tiny recipe repeats them, and the paper recipe must bring every field back to the
-config's (paper) default, or a paper run would train with a tiny value."""
+"""Each training step's values are written once, in its config dataclass (`SFTStepConfig`, `DPOStepConfig`,
+`ITAStepConfig`): the paper's as the defaults, each with its source, and named presets (`tiny`: the CPU demo) beside them.
+The notebooks' parameter cells name a preset, the recipes name a preset and what they change, and the pipeline resolves
+the preset into every field: a value changed in the config shows in the resolved recipe, the notebook and the manifest."""
 import ast, json
 from dataclasses import fields
 from pathlib import Path
 import pytest, yaml
-from anita.trainconfig import SFTStepConfig, TRL_NAMES, SOURCES, step_config, notebook_config
+from anita.trainconfig import SFTStepConfig, TRL_NAMES, SOURCES, step_config, notebook_config, preset_values
 from anita.dpo import DPOStepConfig
 from anita.ita import ITAStepConfig
+from anita.recipe import load_recipe, apply_sets, config_schema, check_param
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = dict(sft=("02_sft.ipynb", SFTStepConfig), dpo=("03_dpo.ipynb", DPOStepConfig), ita=("04_ita.ipynb", ITAStepConfig))
-NOTEBOOK_ONLY = {"run", "root", "step_dir", "data_dir", "n_train"}   # where the step reads and writes, and how many rows: not training
+from anita.data import DataStepConfig
+STEPS = dict(data=("01_data.ipynb", DataStepConfig), sft=("02_sft.ipynb", SFTStepConfig), dpo=("03_dpo.ipynb", DPOStepConfig),
+             ita=("04_ita.ipynb", ITAStepConfig))
+PLACES = {"run", "root", "step_dir", "data_dir", "preset"}   # where the step reads and writes, and which values
 CHAINED = {"model", "data_dir"}                           # set by the pipeline from the previous step's output
 
 def _recipe(name): return yaml.safe_load((ROOT/"anita"/"recipes"/f"{name}.yaml").read_text())["steps"]
@@ -30,52 +33,70 @@ def cell_params(nb:str) -> dict:
 def defaults(cls) -> dict: return {f.name: f.default for f in fields(cls)}
 
 def _chained(k, v) -> bool:
-    "A recipe value the pipeline fills in to chain steps (`{steps.sft}/merged`, or the older `{root}/{run}/...`)."
-    return k in CHAINED and isinstance(v, str) and ("{steps." in v or "{run}" in v)
+    "A recipe value the pipeline fills in to chain steps (`{steps.sft}/merged`)."
+    return k in CHAINED and isinstance(v, str) and "{steps." in v
 
 def _eq(a, b): return list(a) == list(b) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
 
 @pytest.mark.parametrize("step", STEPS)
-def test_parameter_cell_names_config_fields(step):
-    "Every parameter of the cell is a config field (same name, value of the field's type) or a notebook-only one."
+def test_parameter_cell_holds_places_and_preset(step):
+    "A training notebook's parameter cell names where it reads and writes and its preset: no training value."
     nb, cls = STEPS[step]
     cell = cell_params(nb)
-    unknown = set(cell) - set(defaults(cls)) - NOTEBOOK_ONLY
-    assert not unknown, f"{nb}: parameters that are no field of {cls.__name__}: {sorted(unknown)}"
-    cfg = notebook_config(cls, cell)
-    for k, v in cell.items():
-        if k in NOTEBOOK_ONLY or v is None: continue
-        d, f = defaults(cls)[k], next(f for f in fields(cls) if f.name == k)
-        if d is not None and "|" not in str(f.type): assert isinstance(v, type(d)) or isinstance(d, float) and isinstance(v, int), (nb, k, v, d)
-        assert getattr(cfg, k) == v
+    places = PLACES - {"data_dir"} if step == "data" else PLACES   # the data step reads no other step
+    assert set(cell) == places, f"{nb}: {sorted(set(cell) ^ places)}"
+    assert cell["preset"] == "tiny" and cell["preset"] in cls.PRESETS
 
 @pytest.mark.parametrize("step", STEPS)
-def test_tiny_recipe_is_the_parameter_cell(step):
-    "The tiny recipe (the CPU demo) sets the values the notebook's parameter cell has (the pipeline's chaining aside)."
+def test_presets_are_fields_of_the_right_type(step):
     nb, cls = STEPS[step]
-    cell, tiny = cell_params(nb), _recipe("tiny")[step]["params"]
-    assert set(tiny) <= set(cell), f"tiny.yaml {step}: not parameters of {nb}: {sorted(set(tiny) - set(cell))}"
-    for k, v in tiny.items():
-        if _chained(k, v): continue
-        assert _eq(v, cell[k]), f"tiny.yaml {step}.{k} = {v!r}, but {nb}'s parameter cell has {cell[k]!r}"
+    schema = config_schema(cls)
+    assert set(cls.PRESETS) == {"paper", "tiny"} and cls.PRESETS["paper"] == {}
+    for name, values in cls.PRESETS.items():
+        for k, v in values.items():
+            assert k in schema, f"{cls.__name__}.PRESETS[{name!r}]: {k} is no field"
+            check_param(v, schema[k], f"{cls.__name__}.PRESETS[{name!r}].{k}")
 
-@pytest.mark.parametrize("step", STEPS)
-def test_paper_recipe_is_the_config(step):
-    "Each value the paper recipe sets equals the config's default; with the cell's values under it, a paper run gets them all."
-    nb, cls = STEPS[step]
-    cell, paper, want = cell_params(nb), _recipe("paper")[step]["params"], defaults(cls)
-    for k, v in paper.items():
-        if k in NOTEBOOK_ONLY or _chained(k, v): continue
-        assert k in want, f"paper.yaml {step}.{k}: no field of {cls.__name__}"
-        assert _eq(v, want[k]), f"paper.yaml {step}.{k} = {v!r}, but {cls.__name__}.{k} defaults to {want[k]!r}"
-    run = {**cell, **paper}   # what the pipeline gives the notebook in a paper run
-    for k, d in want.items():
-        if k in CHAINED and step != "sft": continue
-        got = run.get(k, d)
-        assert _eq(got, d), f"a paper run of {step} gets {k}={got!r} (from {nb}'s parameter cell): paper.yaml must set {d!r}"
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_recipes_name_a_preset_and_only_real_changes(name):
+    "The shipped recipes set no training value: a preset and the pipeline's chaining only."
+    for step in STEPS:
+        own = _recipe(name)[step]["params"]
+        assert own["preset"] == name
+        assert all(_chained(k, v) for k, v in own.items() if k != "preset"), (name, step, own)
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_the_recipe_resolves_to_the_preset(name):
+    "What the pipeline gives a step notebook: every field at the preset's value, and the chained inputs."
+    r = apply_sets(load_recipe(name), [])
+    for step, (nb, cls) in STEPS.items():
+        p, want = r["steps"][step]["params"], preset_values(cls, name)
+        for k, v in want.items():
+            if _chained(k, p.get(k)): continue
+            assert _eq(p[k], v), (name, step, k, p[k], v)
+        assert notebook_config(cls, p) == step_config(cls, **{**want, **{k: p[k] for k in want}})
+
+def test_a_value_changed_in_one_place_reaches_the_notebook_and_the_manifest(tmp_path, monkeypatch):
+    """Acceptance (issue 24): the tiny SFT learning rate and step count changed in `SFTStepConfig.PRESETS` alone show in
+    the resolved recipe, in the config the step notebook builds, and in the step's manifest."""
+    from anita.core import read_json
+    from anita.runner import run_recipe
+    monkeypatch.setitem(SFTStepConfig.PRESETS, "tiny", {**SFTStepConfig.PRESETS["tiny"], "lr": 7e-4, "max_steps": 1})
+    r = load_recipe("tiny")
+    r["steps"] = {"sft": r["steps"]["sft"]}   # the SFT step alone, on the shipped sample prepared inline
+    r = apply_sets(r, ["sft.data_dir=null", "sft.gen_max_new_tokens=2"])
+    assert (r["steps"]["sft"]["params"]["lr"], r["steps"]["sft"]["params"]["max_steps"]) == (7e-4, 1)
+    run_recipe(r, run="one", root=tmp_path, progress=False)
+    m = read_json(tmp_path/"one"/"02_sft"/"manifest.json")
+    assert m["status"] == "completed" and (m["params"]["lr"], m["params"]["max_steps"]) == (7e-4, 1)
+    rep = read_json(tmp_path/"one"/"02_sft"/"report.json")
+    assert rep["params"]["lr"] == 7e-4 and rep["optimizer_steps"] == 1   # the config the notebook trained with
+    nb = json.loads((tmp_path/"one"/"02_sft.ipynb").read_text())
+    injected = "".join(next(c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))["source"])
+    assert "lr = 0.0007" in injected and 'preset = "tiny"' in injected
 
 def test_every_default_has_a_source():
-    for cls in (SFTStepConfig, DPOStepConfig, ITAStepConfig):
+    for cls in (DataStepConfig, SFTStepConfig, DPOStepConfig, ITAStepConfig):
         for f in fields(cls):
             assert f.metadata.get("source") in SOURCES and f.metadata.get("doc"), (cls.__name__, f.name)
 
@@ -105,9 +126,10 @@ def test_train_args_from_the_config(tmp_path):
 
 def test_packing_takes_true_false_or_auto():
     "`packing` is True, False or `auto` in the recipes and on the command line; another value is refused before anything runs."
-    from anita.recipe import load_recipe, apply_sets, RecipeError
+    from anita.recipe import RecipeError
     assert SFTStepConfig().packing == ITAStepConfig().packing == "auto"
-    assert _recipe("paper")["sft"]["params"]["packing"] == _recipe("paper")["ita"]["params"]["packing"] == "auto"
+    paper = apply_sets(load_recipe("paper"), [])["steps"]
+    assert paper["sft"]["params"]["packing"] == paper["ita"]["params"]["packing"] == "auto"
     for v, want in (("auto", "auto"), ("true", True), ("false", False)):
         r = apply_sets(load_recipe("tiny"), [f"sft.packing={v}", f"ita.packing={v}"])
         assert r["steps"]["sft"]["params"]["packing"] == r["steps"]["ita"]["params"]["packing"] == want
