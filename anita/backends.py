@@ -225,7 +225,12 @@ def init_distributed(gpu:bool=False # NCCL on this process's GPU (`LOCAL_RANK`),
     from datetime import timedelta
     if not dist.is_initialized():
         if gpu: torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=DDP_TIMEOUT_S))
+        kw = dict(timeout=timedelta(seconds=DDP_TIMEOUT_S))
+        prefix = os.environ.get("ANITA_PG_PREFIX")   # set by anita-run for each step it runs under torchrun
+        if prefix and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, **kw)
+            kw.update(store=dist.PrefixStore(prefix, store), rank=int(os.environ["RANK"]), world_size=world_size())
+        dist.init_process_group("nccl" if gpu else "gloo", **kw)
     return True
 
 # %% ../nbs/02c_backends.ipynb #ed98ef3e

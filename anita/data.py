@@ -10,7 +10,7 @@ from importlib import util as importlib_util
 from pathlib import Path
 from dataclasses import asdict, dataclass
 from .core import PAPER_BASE, atomic_dir, atomic_write, resolve_model, run_dir, step_manifest, write_json
-from .trainconfig import param
+from .trainconfig import param, AT_LEAST_1
 from .sources import BadRows, eval_texts, iter_rows, length_stats, ngram_index, plot_token_lengths
 from .sources import rows_dataset, finish_rows, source_name
 
@@ -418,17 +418,23 @@ class DataStepConfig:
     sft_source: str|None = param(SFT_HUB, "paper", "SFT rows (Alpaca-LoRA template); None: the shipped sample")
     dpo_source: str|None = param(DPO_HUB, "paper", "DPO pairs; None: the shipped sample")
     ita_source: str|None = param(ITA_HUB, "paper", "Italian documents; None: the shipped sample")
-    n_sft: int|None = param(None, "paper", "SFT rows kept, the first ones (None: all, ~100k)")
-    n_dpo: int|None = param(None, "paper", "DPO pairs kept, the first ones (None: all)")
-    n_ita: int = param(100_000, "paper", "Italian documents to train on, sampled at random")
+    n_sft: int|None = param(None, "paper", "SFT rows kept, the first ones (None: all, ~100k)",
+        rule=AT_LEAST_1)
+    n_dpo: int|None = param(None, "paper", "DPO pairs kept, the first ones (None: all)",
+        rule=AT_LEAST_1)
+    n_ita: int = param(100_000, "paper", "Italian documents to train on, sampled at random",
+        rule=AT_LEAST_1)
     seed: int = param(42, "scripts", "seed of the Italian sample and of the held-out split")
     ita_config: str = param("tiny", "anita", "clean_mc4_it config: the paper names none; tiny (10M docs) holds 100k")
-    ita_max_files: int|None = param(None, "anita", "read at most this many of the config's files (None: as needed)")
+    ita_max_files: int|None = param(None, "anita", "read at most this many of the config's files (None: as needed)",
+        rule=AT_LEAST_1)
     exclude_sources: tuple = param(("toxic-dpo-v0.2",), "paper", "DPO `source` labels left out (toxic-dpo-v0.2)")
     system_prompt: str|None = param(None, "anita", "system prompt for DPO rows without one (None: none)")
-    max_bad_frac: float = param(0.05, "anita", "fail when more than this fraction of rows is malformed")
+    max_bad_frac: float = param(0.05, "anita", "fail when more than this fraction of rows is malformed",
+        rule=(lambda v: 0 <= v <= 1, "in [0, 1]"))
     decontaminate: str|None = param(None, "anita", "json/jsonl/csv/parquet file of evaluation rows to keep out")
-    ngram: int = param(13, "anita", "n of the decontamination n-grams")
+    ngram: int = param(13, "anita", "n of the decontamination n-grams",
+        rule=AT_LEAST_1)
     n_heldout_sft: int = param(20, "anita", "SFT rows held out of training, for the eval step's held-out figures")
     n_heldout_dpo: int = param(18, "anita", "DPO pairs held out of training")
     n_heldout_ita: int = param(20, "anita", "Italian paragraphs held out of training")

@@ -6,7 +6,7 @@
 from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from .trainconfig import TrainStepConfig, param, notebook_config, step_config
+from .trainconfig import TrainStepConfig, param, notebook_config, step_config, ABOVE_0, AT_LEAST_1
 from .sft import Stage, fit, make_trainer, drop_ref_adapter, load_step_data, loss_table, run_train_step
 from .batching import adds_bos, batch_plan, plan_text
 from .backends import world_size, prepare_backend
@@ -30,8 +30,9 @@ class DPOStepConfig(TrainStepConfig):
     lr: float = param(5e-5, "paper", "peak learning rate")
     warmup_steps: float = param(0.1, "scripts", "warmup_ratio 0.1 (a float < 1 is a ratio of all steps)")
     optim: str = param("adamw_8bit", "scripts", "8-bit AdamW")
-    beta: float = param(0.1, "scripts", "DPO beta")
-    max_prompt_length: int = param(512, "scripts", "prompt tokens kept (cut here: TRL >= 1.0 dropped the option)")
+    beta: float = param(0.1, "scripts", "DPO beta", rule=ABOVE_0)
+    max_prompt_length: int = param(512, "scripts", "prompt tokens kept (cut here: TRL >= 1.0 dropped the option)",
+                                   rule=AT_LEAST_1)
     PRESETS = dict(paper={}, tiny=dict(   # tiny: the CPU demo, 8 optimizer steps on 8 pairs of the shipped sample
         model="embedded", lora_r=16, lora_alpha=16, max_length=128, max_prompt_length=64, batch_size=2, grad_accum=1,
         lr=5e-4, warmup_steps=0, optim="adamw_torch", max_steps=8, epochs=4, save_steps=4, logging_steps=1,

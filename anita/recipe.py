@@ -6,6 +6,7 @@
 from __future__ import annotations
 import ast, contextlib, json, math, os, re
 from pathlib import Path
+from .trainconfig import ABOVE_0, AT_LEAST_0, AT_LEAST_1, field_rule
 
 # %% auto #0
 __all__ = ['RECIPE_KEYS', 'STEP_KEYS', 'RUN_FILES', 'PARAM_RULES', 'PARAM_PATTERNS', 'PARAM_CHOICES', 'STEP_CONFIGS',
@@ -252,15 +253,13 @@ def check_param(value, expected:type|None, where:str):
     return list(value) if expected in (list, tuple) else value
 
 # %% ../nbs/11a_recipe.ipynb #d36adf99
-_COUNT, _RATE, _ZERO_UP = (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
-# parameter name -> (check, what it must be), in every step that has the parameter; None always passes
+_COUNT, _RATE, _ZERO_UP = AT_LEAST_1, ABOVE_0, AT_LEAST_0
+# parameter name -> (check, what it must be), in every step that has the parameter and no rule of its own (a config
+# field's `rule`: `anita.trainconfig.field_rule`); None always passes
 PARAM_RULES = dict(
-    max_steps=(lambda v: v == -1 or v >= 1, "-1 (whole epochs) or >= 1"), lr=_RATE, beta=_RATE, limit=_RATE,
-    lora_dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), max_bad_frac=(lambda v: 0 <= v <= 1, "in [0, 1]"),
-    **dict.fromkeys(("warmup_steps", "weight_decay", "num_fewshot", "seed", "gen_max_new_tokens"), _ZERO_UP),
-    **dict.fromkeys(("n_sft", "n_dpo", "n_ita", "n_train", "ita_max_files", "ngram", "epochs", "batch_size",
-                     "max_batch_size", "grad_accum", "max_length", "max_prompt_length", "tokens_per_step", "save_steps",
-                     "logging_steps", "lora_r", "lora_alpha"), _COUNT))
+    max_steps=(lambda v: v == -1 or v >= 1, "-1 (whole epochs) or >= 1"), limit=_RATE,
+    **dict.fromkeys(("num_fewshot", "seed", "gen_max_new_tokens"), _ZERO_UP),
+    **dict.fromkeys(("n_train", "epochs", "batch_size", "max_batch_size", "lora_r", "lora_alpha"), _COUNT))
 
 PARAM_RULES.update(gpu_memory_utilization=(lambda v: 0 < v <= 1, "in (0, 1]"))
 
@@ -285,13 +284,14 @@ def _check_finite(v, where:str):
     for x in (v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else ()): _check_finite(x, where)
 
 # %% ../nbs/11a_recipe.ipynb #eda4f1e4
-def check_range(key:str, value, where:str):
-    """`value` if it is finite (no float parameter may be inf or NaN) and in the range `param_rule(key)` gives (or among
-    `PARAM_CHOICES`), else a `RecipeError` naming `where`."""
+def check_range(key:str, value, where:str,
+                rule:tuple=None):  # the parameter's own rule (a config field's); None: `param_rule(key)`, by its name
+    """`value` if it is finite (no float parameter may be inf or NaN) and in the range of `rule` or `param_rule(key)` (or
+    among `PARAM_CHOICES`), else a `RecipeError` naming `where`."""
     _check_finite(value, where)
     if key in PARAM_CHOICES and not any(c == value and type(c) is type(value) for c in PARAM_CHOICES[key]):
         raise RecipeError(f"{where}: must be one of {', '.join(map(str, PARAM_CHOICES[key]))}, got {value!r}")
-    rule = param_rule(key)
+    rule = rule or param_rule(key)
     if rule is None or isinstance(value, bool) or not isinstance(value, (int, float)): return value
     if not rule[0](value): raise RecipeError(f"{where}: must be {rule[1]}, got {value!r}")
     return value
@@ -381,9 +381,10 @@ def _set_type(recipe, step, key, where, check_notebooks):
 
 # %% ../nbs/11a_recipe.ipynb #07db26fc
 def apply_sets(recipe:dict, sets=(), check_notebooks:bool=True, cwd=None) -> dict:
-    """Apply `--set STEP.PARAM=VALUE` overrides in place, type-checked against the notebook's parameters or the recipe's value
-    and range-checked (`PARAM_RULES`), then resolve every step's preset (`resolve_preset`); a relative path is made absolute from `cwd` (default: the current folder, where the
-    command was typed), not from the run folder where the notebook runs."""
+    """Apply `--set STEP.PARAM=VALUE` overrides in place, type-checked against the step's parameters or the recipe's value
+    and range-checked (the field's rule, else `PARAM_RULES`), then resolve every step's preset (`resolve_preset`); a
+    relative path is made absolute from `cwd` (default: the current folder, where the command was typed), not from the
+    run folder where the notebook runs."""
     for s in sets or ():
         step, key, v, raw = parse_set(s)
         if step not in recipe["steps"]:
@@ -395,7 +396,8 @@ def apply_sets(recipe:dict, sets=(), check_notebooks:bool=True, cwd=None) -> dic
         if expected is float and isinstance(v, str):
             with contextlib.suppress(ValueError): v = float(raw)
         check_step_refs(v, list(recipe["steps"]), where)
-        recipe["steps"][step]["params"][key] = local_path(check_range(key, check_param(v, expected, where), where), cwd)
+        rule = field_rule(step_config_class(recipe["steps"][step]["notebook"]), key)
+        recipe["steps"][step]["params"][key] = local_path(check_range(key, check_param(v, expected, where), where, rule), cwd)
     for name in recipe["steps"]: resolve_preset(recipe, name)
     return recipe
 
@@ -412,18 +414,19 @@ def select_steps(recipe:dict, steps=None) -> list:
 
 # %% ../nbs/11a_recipe.ipynb #cc644ebf
 def check_recipe_params(recipe:dict, names) -> None:
-    "Check each selected step's notebook exists and that its recipe parameters are in its parameters cell, with the right types."
+    """Check each selected step's notebook exists and that its parameters (its preset resolved) are its notebook's or its
+    config's, with the right types and in range."""
     for n in names:
         st = recipe["steps"][n]
         nb = Path(recipe["nbs_dir"])/st["notebook"]
         if not nb.is_file():
             raise FileNotFoundError(f"{nb}: notebook of step {n!r} not found (recipe {recipe['path']})")
-        schema = step_schema(nb)
+        schema, cls = step_schema(nb), step_config_class(nb)
         for k, v in resolve_preset(recipe, n).items():
             if k not in schema: raise RecipeError(f"{recipe['path']}: step {n!r}: {nb.name} has no parameter {k!r} "
                                                   f"(its parameters: {', '.join(schema)})")
-            st["params"][k] = check_range(k, check_param(v, schema[k], f"{recipe['path']}: {n}.{k}"),
-                                          f"{recipe['path']}: {n}.{k}")
+            where = f"{recipe['path']}: {n}.{k}"
+            st["params"][k] = check_range(k, check_param(v, schema[k], where), where, field_rule(cls, k))
         if st["shards"] and st["shards"]["param"] not in schema:
             raise RecipeError(f"{recipe['path']}: step {n!r}: shards.param {st['shards']['param']!r} "
                               f"is not a parameter of {nb.name}")

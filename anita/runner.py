@@ -102,6 +102,8 @@ def _execute(nb, out_nb, logf, params, step, fail, kernel="python3", progress=Tr
         raise
 
 # %% ../nbs/11c_runner.ipynb #2f176f31
+_STEP_RUNS = itertools.count()   # steps run in this process: every rank runs the same ones, in the same order
+
 def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True, cwd=None, kernel:str="python3",
              shard:int=None, keep_flags=(), log=print, stage=None, dirs:dict=None, cache:dict=None) -> dict:
     """Execute one recipe step with papermill into `root/run/<dir>.ipynb`; returns its manifest. With `stage` the notebook
@@ -116,8 +118,8 @@ def run_step(step:dict, nbs_dir, run:str, root, fp:str=None, progress:bool=True,
     params, tag, sd, sroot = step_params(step, run, root, shard, stage, dirs, give_dir)
     if rank: tag += f".rank{rank}"
     if "TORCHELASTIC_RESTART_COUNT" in os.environ:   # under torchrun: each step's kernels form their own process group,
-        n = os.environ.setdefault("ANITA_TORCHRUN_ATTEMPT", os.environ["TORCHELASTIC_RESTART_COUNT"])
-        os.environ["TORCHELASTIC_RESTART_COUNT"] = f"{n}/{step['dir']}"   # not one read from the last step's keys
+        attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]   # keyed apart from the last step's (`init_distributed`)
+        os.environ["ANITA_PG_PREFIX"] = f"anita-pg/{attempt}/{next(_STEP_RUNS)}/{step['dir']}/"
     out_nb = (rd/"logs" if rank else sroot if stage is not None else rd)/f"{tag}.ipynb"
     logf = rd/"logs"/f"{tag}.log"
     logf.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +176,7 @@ def launch_store():
     from anita.backends import DDP_TIMEOUT_S
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=timedelta(seconds=DDP_TIMEOUT_S))
-    attempt = os.environ.get("ANITA_TORCHRUN_ATTEMPT") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"anita-run/{attempt}/", store)
 
 # %% ../nbs/11c_runner.ipynb #ef92c925

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, fields
 from .core import PAPER_BASE
 
 # %% auto #0
-__all__ = ['LORA_TARGETS', 'GEN_PROMPTS', 'SOURCES', 'TRL_NAMES', 'param', 'TrainStepConfig', 'SFTStepConfig', 'step_config',
-           'preset_values', 'notebook_config', 'config_table']
+__all__ = ['LORA_TARGETS', 'GEN_PROMPTS', 'SOURCES', 'AT_LEAST_1', 'ABOVE_0', 'AT_LEAST_0', 'TRL_NAMES', 'param', 'field_rule',
+           'TrainStepConfig', 'SFTStepConfig', 'step_config', 'preset_values', 'notebook_config', 'config_table']
 
 # %% ../nbs/02b_trainconfig.ipynb #a38af2c1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -20,10 +20,20 @@ SOURCES = dict(paper="Polignano et al. 2024", scripts="the authors' published tr
                anita="anita's choice (the paper and the scripts are silent, or anita runs differently)",
                pipeline="the pipeline's (a previous step's output)")
 
-def param(default, source:str, doc:str=""):
-    "A config field: its `default`, where the default comes from (a key of `SOURCES`) and what it means."
+AT_LEAST_1, ABOVE_0, AT_LEAST_0 = (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
+
+def param(default, source:str, doc:str="",
+          rule:tuple=None):  # `(check, what it must be)` of a value in a recipe; None: by name (`anita.recipe.param_rule`)
+    "A config field: its `default`, where the default comes from (a key of `SOURCES`), what it means and its range."
     if source not in SOURCES: raise ValueError(f"source={source!r}: expected one of {', '.join(SOURCES)}")
-    return field(default=default, metadata=dict(source=source, doc=doc))
+    return field(default=default, metadata=dict(source=source, doc=doc, rule=rule))
+
+def field_rule(cls, name:str) -> tuple|None:
+    "The range rule of field `name` of config `cls`: the first one declared along its classes (a subclass that changes the default keeps it)."
+    for c in getattr(cls, "__mro__", ()):
+        f = getattr(c, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("rule"): return f.metadata["rule"]
+    return None
 
 # %% ../nbs/02b_trainconfig.ipynb #1b6aace8
 @dataclass
@@ -34,25 +44,34 @@ class TrainStepConfig:
     load_in_4bit: bool = param(True, "paper", "QLoRA: the base model in 4 bits (GPU backends only)")
     lora_r: int = param(16, "scripts", "LoRA rank")
     lora_alpha: int = param(8, "scripts", "LoRA alpha")
-    lora_dropout: float = param(0.0, "scripts", "LoRA dropout")
+    lora_dropout: float = param(0.0, "scripts", "LoRA dropout",
+        rule=(lambda v: 0 <= v < 1, "in [0, 1)"))
     use_rslora: bool = param(False, "scripts", "rank-stabilised LoRA scaling")
     target_modules: tuple = param(LORA_TARGETS, "scripts", "the projections LoRA adapts: all attention and MLP ones")
-    max_length: int = param(8192, "scripts", "tokens per (packed) sequence (`max_seq_length`)")
-    batch_size: int = param(16, "scripts", "rows per device per micro-batch")
-    grad_accum: int = param(8, "scripts", "micro-batches per optimizer step")
-    lr: float = param(2e-4, "scripts", "peak learning rate")
+    max_length: int = param(8192, "scripts", "tokens per (packed) sequence (`max_seq_length`)",
+        rule=AT_LEAST_1)
+    batch_size: int = param(16, "scripts", "rows per device per micro-batch",
+        rule=AT_LEAST_1)
+    grad_accum: int = param(8, "scripts", "micro-batches per optimizer step",
+        rule=AT_LEAST_1)
+    lr: float = param(2e-4, "scripts", "peak learning rate",
+        rule=ABOVE_0)
     lr_scheduler: str = param("linear", "scripts", "learning-rate schedule")
-    warmup_steps: float = param(100, "scripts", "warm-up steps, or a ratio of all steps when < 1")
-    weight_decay: float = param(0.01, "scripts", "AdamW weight decay")
+    warmup_steps: float = param(100, "scripts", "warm-up steps, or a ratio of all steps when < 1",
+        rule=AT_LEAST_0)
+    weight_decay: float = param(0.01, "scripts", "AdamW weight decay",
+        rule=AT_LEAST_0)
     optim: str = param("paged_adamw_8bit", "scripts", "optimizer (on the CPU: torch AdamW for 8-bit and paged ones)")
     epochs: float = param(1, "paper", "passes over the data")
     max_steps: int = param(-1, "anita", "optimizer steps; -1: whole epochs")
     gradient_checkpointing: bool = param(True, "scripts", "recompute activations in the backward pass")
     attn_implementation: str = param("auto", "anita", "auto: FlashAttention-2 or SDPA on a GPU, SDPA on the CPU")
     bf16: bool|None = param(None, "anita", "bf16 mixed precision; None: on a GPU that has it, fp32 on the CPU")
-    save_steps: int = param(100, "anita", "checkpoint every N optimizer steps (resume after a kill)")
+    save_steps: int = param(100, "anita", "checkpoint every N optimizer steps (resume after a kill)",
+        rule=AT_LEAST_1)
     save_total_limit: int = param(2, "anita", "checkpoints kept")
-    logging_steps: int = param(10, "anita", "log the loss every N optimizer steps")
+    logging_steps: int = param(10, "anita", "log the loss every N optimizer steps",
+        rule=AT_LEAST_1)
     report_to: str = param("auto", "anita", "TRL's `report_to`: auto = tensorboard when installed, else none")
     disable_tqdm: bool = param(False, "anita", "False: a progress bar with the ETA")
     seed: int = param(42, "scripts", "seed of the adapter's initialisation, the data order and the generation check")
@@ -69,7 +88,8 @@ class SFTStepConfig(TrainStepConfig):
     "The SFT step: the shared fields at the paper's SFT values, and how its rows are packed."
     packing: bool|str = param("auto", "anita", "padding-free bfd packing: True, False, or `auto`: the faster, measured")
     completion_only: bool|None = param(None, "anita", "loss on the completion only; None: for prompt/completion rows")
-    tokens_per_step: int|None = param(None, "anita", "real tokens per optimizer step; None: the unpacked batch's")
+    tokens_per_step: int|None = param(None, "anita", "real tokens per optimizer step; None: the unpacked batch's",
+        rule=AT_LEAST_1)
     micro_batch_tokens: int|None = param(None, "anita", "packed tokens per device per micro-batch; None: `max_length`")
     PRESETS = dict(paper={}, tiny=dict(   # tiny: the CPU demo (`make demo`, nbdev_test), a few optimizer steps on the embedded model
         model="embedded", lora_alpha=16, max_length=128, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=0,

@@ -50,3 +50,40 @@ def test_several_processes_need_torchrun(monkeypatch, tmp_path):
     with pytest.raises(recipe.UsageError, match="torchrun --nproc_per_node"):
         run_recipe("tiny", run="r", root=tmp_path, steps="data", log=lambda s: None)
     assert not (tmp_path/"r").exists()
+
+_JOIN = """
+import sys, time
+import torch.distributed as dist
+from anita.backends import init_distributed
+time.sleep(float(sys.argv[1]))
+assert init_distributed(False)
+dist.barrier()   # and exit without leaving the group, as a step's kernel does
+"""
+
+def _join_round(port, prefix, slow_rank0, tmp_path):
+    "Two processes join a gloo group in a store like torchrun's agent store, rank 0 late by `slow_rank0` s; their exit codes."
+    import os, subprocess, sys
+    script = tmp_path/"join.py"; script.write_text(_JOIN)
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
+    if prefix: env["ANITA_PG_PREFIX"] = prefix
+    ps = [subprocess.Popen([sys.executable, str(script), str(slow_rank0 if r == 0 else 0)],
+                           env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    return [p.wait(timeout=120) for p in ps], [p.stdout.read()[-2000:] for p in ps]
+
+def test_each_step_joins_its_own_group(tmp_path):
+    """CI, 2026-12-05: under one torchrun launch the Italian step's rank 1 read the address rank 0's DPO kernel had left in
+    the agent store and failed ("Connection refused"): torch 2.13 keeps every kernel's group in the same store. With
+    `ANITA_PG_PREFIX` (anita-run sets one per step) a late rank 0 in the second step is waited for, not a dead address."""
+    torch = pytest.importorskip("torch")
+    import socket, torch.distributed as dist
+    from datetime import timedelta
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    agent = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=60))   # torchrun's agent store
+    rcs, out = _join_round(port, "anita-pg/0/0/03_dpo/", 0, tmp_path)
+    assert rcs == [0, 0], out
+    rcs, out = _join_round(port, "anita-pg/0/1/04_ita/", 4, tmp_path)   # the next step: rank 0 arrives 4 s late
+    assert rcs == [0, 0], out
+    del agent
