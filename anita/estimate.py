@@ -5,9 +5,8 @@
 # %% ../nbs/11e_estimate.ipynb #462e191c
 from __future__ import annotations
 import json, math
-from dataclasses import fields
 from pathlib import Path
-from .recipe import RecipeError, step_dirs
+from .recipe import RecipeError, resolve_preset, step_dirs
 from .batching import batch_plan
 
 # %% auto #0
@@ -49,7 +48,7 @@ def data_stats(rec:dict, run:str, root="runs") -> dict:
     data = step_of(rec, "data")
     p = Path(root)/run/step_dirs(rec)[data]/"report.json" if data else None
     if p is None or not p.exists():
-        n_ita = (rec["steps"][data]["params"].get("n_ita") if data else None) or 100_000
+        n_ita = (resolve_preset(rec, data).get("n_ita") if data else None) or 100_000
         out = {k: dict(v) for k, v in DEFAULT_DATA.items()}
         out["ita"]["rows"] = n_ita
         return out
@@ -61,7 +60,7 @@ def data_stats(rec:dict, run:str, root="runs") -> dict:
 
 # %% ../nbs/11e_estimate.ipynb #266eb2a5
 def step_cfg(kind:str, params:dict):
-    "The step config (`SFTStepConfig`, `DPOStepConfig`, `ITAStepConfig`) of recipe `params` for `kind`, its preset resolved."
+    "The step config (`SFTStepConfig`, `DPOStepConfig`, `ITAStepConfig`) of recipe `params` for `kind`, preset resolved."
     from anita.trainconfig import SFTStepConfig, notebook_config
     from anita.dpo import DPOStepConfig
     from anita.ita import ITAStepConfig
@@ -135,7 +134,7 @@ def estimate(rec:dict, throughput, run:str="paper", root="runs", steps=None, bac
                                                           "evaluation figures"])
             continue
         cfg = step_cfg(kind, s["params"])
-        plan = step_plan(kind, cfg, stats[kind], s["params"].get("n_train"))
+        plan = step_plan(kind, cfg, stats[kind], cfg.n_train)
         fig = _key(th, f"steps.{kind}", f"{th['path']}: parts.full_depth_{th['backend']}.figures")
         if fig.get("oom"):
             why = f"does not fit one {th['gpu']} at these settings: {fig['oom']}"

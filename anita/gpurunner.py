@@ -111,7 +111,7 @@ def selftest_part(kind:str="pass", seconds:float=0):
     if kind == "crash": os._exit(7)
     return dict(answer=42, python=sys.version.split()[0])
 
-_S = "anita.gpucheck:selftest_part"
+_S = "anita.gpurunner:selftest_part"
 SELFTEST_PARTS = [("ok", _S, {}), ("broken", _S, dict(kind="fail")), ("n/a", _S, dict(kind="skip")),
                   ("hang", _S, dict(kind="sleep", seconds=60, _timeout_s=3)), ("crash", _S, dict(kind="crash")),
                   ("after", _S, {})]

@@ -286,8 +286,8 @@ def _check_finite(v, where:str):
 # %% ../nbs/11a_recipe.ipynb #eda4f1e4
 def check_range(key:str, value, where:str,
                 rule:tuple=None):  # the parameter's own rule (a config field's); None: `param_rule(key)`, by its name
-    """`value` if it is finite (no float parameter may be inf or NaN) and in the range of `rule` or `param_rule(key)` (or
-    among `PARAM_CHOICES`), else a `RecipeError` naming `where`."""
+    """`value` if it is finite (no float parameter may be inf or NaN) and in the range of `rule` or `param_rule(key)`
+    (or among `PARAM_CHOICES`), else a `RecipeError` naming `where`."""
     _check_finite(value, where)
     if key in PARAM_CHOICES and not any(c == value and type(c) is type(value) for c in PARAM_CHOICES[key]):
         raise RecipeError(f"{where}: must be one of {', '.join(map(str, PARAM_CHOICES[key]))}, got {value!r}")
@@ -297,8 +297,9 @@ def check_range(key:str, value, where:str,
     return value
 
 # %% ../nbs/11a_recipe.ipynb #166a3643
-STEP_CONFIGS = {"01_data": "anita.data:DataStepConfig", "02_sft": "anita.trainconfig:SFTStepConfig",
-                "03_dpo": "anita.dpo:DPOStepConfig", "04_ita": "anita.ita:ITAStepConfig"}   # notebook name -> "module:class" of its config
+STEP_CONFIGS = {   # notebook name -> "module:class" of its config
+    "01_data": "anita.data:DataStepConfig", "02_sft": "anita.trainconfig:SFTStepConfig",
+    "03_dpo": "anita.dpo:DPOStepConfig", "04_ita": "anita.ita:ITAStepConfig"}
 
 def step_config_class(notebook:str|Path):
     "The config dataclass of step notebook `notebook` (by its name, in `STEP_CONFIGS`), or None."
@@ -338,18 +339,19 @@ def notebook_default(nb_path:str|Path, name:str):
 
 # %% ../nbs/11a_recipe.ipynb #9becc537
 def resolve_preset(recipe:dict, name:str) -> dict:
-    """Resolve the preset of step `name` in place and return its params: every field of its config at the preset's value
-    (the recipe's `preset`, else the notebook's, else `paper`) under the step's own parameters. A step whose notebook has
-    no config keeps its params."""
+    """Resolve the preset of step `name` in place and return its params: every field of its config at the preset's
+    value (the recipe's `preset`, else the notebook's, else `paper`) under the step's own parameters. A step whose
+    notebook has no config keeps its params."""
     st = recipe["steps"][name]
     last = st.get("resolved", {})
     st["own"] = own = {**st.get("own", {}), **{k: v for k, v in st["params"].items() if k not in last or last[k] != v}}
     cls = step_config_class(st["notebook"])
     if cls is None: return st["params"]
     from anita.trainconfig import preset_values
-    preset = own.get("preset") or notebook_default(Path(recipe["nbs_dir"])/st["notebook"], "preset") or "paper"
+    nb = Path(recipe["nbs_dir"])/st["notebook"] if recipe.get("nbs_dir") else None
+    preset = own.get("preset") or (nb and notebook_default(nb, "preset")) or "paper"
     try: values = preset_values(cls, preset)
-    except ValueError as e: raise RecipeError(f"{recipe['path']}: step {name!r}: {e}") from None
+    except ValueError as e: raise RecipeError(f"{recipe.get('path', 'recipe')}: step {name!r}: {e}") from None
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     st["params"] = {**values, **own, "preset": preset}
     st["resolved"] = dict(st["params"])
@@ -381,9 +383,9 @@ def _set_type(recipe, step, key, where, check_notebooks):
 
 # %% ../nbs/11a_recipe.ipynb #07db26fc
 def apply_sets(recipe:dict, sets=(), check_notebooks:bool=True, cwd=None) -> dict:
-    """Apply `--set STEP.PARAM=VALUE` overrides in place, type-checked against the step's parameters or the recipe's value
-    and range-checked (the field's rule, else `PARAM_RULES`), then resolve every step's preset (`resolve_preset`); a
-    relative path is made absolute from `cwd` (default: the current folder, where the command was typed), not from the
+    """Apply `--set STEP.PARAM=VALUE` overrides in place, type-checked against the step's parameters or the recipe's
+    value and range-checked (the field's rule, else `PARAM_RULES`), then resolve every step's preset (`resolve_preset`);
+    a relative path is made absolute from `cwd` (default: the current folder, where the command was typed), not from the
     run folder where the notebook runs."""
     for s in sets or ():
         step, key, v, raw = parse_set(s)
@@ -397,7 +399,8 @@ def apply_sets(recipe:dict, sets=(), check_notebooks:bool=True, cwd=None) -> dic
             with contextlib.suppress(ValueError): v = float(raw)
         check_step_refs(v, list(recipe["steps"]), where)
         rule = field_rule(step_config_class(recipe["steps"][step]["notebook"]), key)
-        recipe["steps"][step]["params"][key] = local_path(check_range(key, check_param(v, expected, where), where, rule), cwd)
+        v = check_range(key, check_param(v, expected, where), where, rule)
+        recipe["steps"][step]["params"][key] = local_path(v, cwd)
     for name in recipe["steps"]: resolve_preset(recipe, name)
     return recipe
 
@@ -414,8 +417,8 @@ def select_steps(recipe:dict, steps=None) -> list:
 
 # %% ../nbs/11a_recipe.ipynb #cc644ebf
 def check_recipe_params(recipe:dict, names) -> None:
-    """Check each selected step's notebook exists and that its parameters (its preset resolved) are its notebook's or its
-    config's, with the right types and in range."""
+    """Check each selected step's notebook exists and that its parameters (its preset resolved) are its notebook's or
+    its config's, with the right types and in range."""
     for n in names:
         st = recipe["steps"][n]
         nb = Path(recipe["nbs_dir"])/st["notebook"]

@@ -69,6 +69,7 @@ def _mark_failed(rd, sd, tag, info, t0, err):
 class _KnownParams(logging.Filter):
     def filter(self, record): return not record.getMessage().startswith("Passed unknown parameter")
 
+# %% ../nbs/11c_runner.ipynb #cf1df6de
 def quiet_unknown_params():
     "Drop papermill's \"Passed unknown parameter\" warnings (the recipe was checked against the step's schema first)."
     lg = logging.getLogger("papermill")

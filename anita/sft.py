@@ -16,7 +16,7 @@ from .backends import (all_ranks, ensure_logprob_kernel, init_distributed, load_
 from .batching import (batch_stats, packed_micro_batch, packing_throughput, plan_text, sft_plan, token_checks,
                             tokenize_lm)
 from .merge import generation_check, model_card, save_merged
-from .backends import has_module                  # private names used below (`anita.dpo` imports `adds_bos` from here)
+from .backends import has_module
 from .batching import adds_bos, uses_bf16
 
 # %% auto #0
@@ -423,21 +423,22 @@ def loss_table(log_json, every:int=1) -> str:
     return "\n".join(["step  loss"] + [f"{r['step']:>4}  {r['loss']:.4f}" for r in rows[::every]])
 
 # %% ../nbs/02_sft.ipynb #8011ed57
-def run_train_step(train,          # the step's training function: `train_sft`, `anita.dpo.train_dpo`, `anita.ita.train_ita`
+def run_train_step(train,          # the step's training function: `train_sft`, `anita.dpo.train_dpo`, ...
                    kind:str,       # its split of the data step: sft | dpo | ita
                    label:str,      # its name in the manifest: 02_sft | 03_dpo | 04_ita
                    cfg,            # its config (`notebook_config`: the preset and what the pipeline set)
                    step_dir,       # the step's folder
                    data_dir=None,  # the data step's folder; None: the shipped sample, prepared inline
                    **prep) -> dict:
-    """Load the step's data, train it with `cfg` into `step_dir`, and record the manifest: the config, the inputs and every
-    output. The step is `outputs-written` then; the pipeline marks it completed once the notebook's last cell ran."""
+    """Load the step's data, train it with `cfg` into `step_dir`, and record the manifest: the config, the inputs and
+    every output. The step is `outputs-written` then; the pipeline marks it completed once the notebook's last cell ran."""
     step_dir = Path(step_dir)
     ds = load_step_data(data_dir, kind, cfg.model, **prep)
     inputs = dict(model=cfg.model, **({"data": data_dir} if data_dir else {}))
     with step_manifest(step_dir, label, {**asdict(cfg), "data_dir": data_dir}, inputs) as outputs:
         res = train(dataset=ds, out_dir=step_dir, **asdict(cfg))
-        outputs += [res[k] for k in ("adapter", "merged", "log", "log_csv", "loss_png", "card", "generations", "report_path")]
+        outputs += [res[k] for k in ("adapter", "merged", "log", "log_csv", "loss_png", "card", "generations",
+                                     "report_path")]
     return res
 
 # %% ../nbs/02_sft.ipynb #7b47e86b

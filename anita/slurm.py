@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, os, re, shutil, subprocess, sys
 from pathlib import Path
 from .core import run_dir
-from .recipe import RecipeError, load_recipe, select_steps, apply_sets, check_recipe_params
+from .recipe import RecipeError, load_recipe, select_steps, apply_sets, check_recipe_params, resolve_preset
 from .runstate import manifest_token
 
 # %% auto #0
@@ -48,8 +48,7 @@ def prefetch_list(recipe:dict,    # a loaded recipe (`load_recipe`, after `apply
             seen.add(key)
             out.append(dict(kind=kind, id=id, step=step, param=param, **kw))
     for n in select_steps(recipe, steps):
-        st = recipe["steps"][n]
-        p = st["params"]
+        st, p = recipe["steps"][n], resolve_preset(recipe, n)   # the fields of a step's config, its preset resolved
         for k, v in p.items():
             if k == "model" and _hub_id(v): add("model", v, n, k)
             elif k == "models" and isinstance(v, dict):

@@ -23,13 +23,14 @@ SOURCES = dict(paper="Polignano et al. 2024", scripts="the authors' published tr
 AT_LEAST_1, ABOVE_0, AT_LEAST_0 = (lambda v: v >= 1, ">= 1"), (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0")
 
 def param(default, source:str, doc:str="",
-          rule:tuple=None):  # `(check, what it must be)` of a value in a recipe; None: by name (`anita.recipe.param_rule`)
+          rule:tuple=None):  # `(check, what it must be)` of a recipe value; None: by name (`anita.recipe.param_rule`)
     "A config field: its `default`, where the default comes from (a key of `SOURCES`), what it means and its range."
     if source not in SOURCES: raise ValueError(f"source={source!r}: expected one of {', '.join(SOURCES)}")
     return field(default=default, metadata=dict(source=source, doc=doc, rule=rule))
 
 def field_rule(cls, name:str) -> tuple|None:
-    "The range rule of field `name` of config `cls`: the first one declared along its classes (a subclass that changes the default keeps it)."
+    """The range rule of field `name` of config `cls`: the first one declared along its classes (a subclass that changes
+    the default keeps it)."""
     for c in getattr(cls, "__mro__", ()):
         f = getattr(c, "__dataclass_fields__", {}).get(name)
         if f is not None and f.metadata.get("rule"): return f.metadata["rule"]
@@ -91,7 +92,7 @@ class SFTStepConfig(TrainStepConfig):
     tokens_per_step: int|None = param(None, "anita", "real tokens per optimizer step; None: the unpacked batch's",
         rule=AT_LEAST_1)
     micro_batch_tokens: int|None = param(None, "anita", "packed tokens per device per micro-batch; None: `max_length`")
-    PRESETS = dict(paper={}, tiny=dict(   # tiny: the CPU demo (`make demo`, nbdev_test), a few optimizer steps on the embedded model
+    PRESETS = dict(paper={}, tiny=dict(   # tiny: the CPU demo (`make demo`, nbdev_test): 8 steps on the embedded model
         model="embedded", lora_alpha=16, max_length=128, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=0,
         optim="adamw_torch", max_steps=8, epochs=3, packing=True, gradient_checkpointing=False, save_steps=4,
         logging_steps=1, gen_max_new_tokens=16, n_train=8))
@@ -118,13 +119,21 @@ def preset_values(cls, preset:str="paper") -> dict:
         raise ValueError(f"{cls.__name__}: no preset {preset!r} (its presets: {', '.join(presets)})")
     return {**{f.name: f.default for f in fields(cls)}, **presets[preset]}
 
+# %% ../nbs/02b_trainconfig.ipynb #b6d4713d
 def notebook_config(cls, ns:dict):
-    """The `cls` config of a step notebook: the preset its parameter cell names (`ns["preset"]`, default `paper`), with the
-    fields set in namespace `ns` (the pipeline injects them with papermill) over it."""
+    """The `cls` config of a step notebook: the preset its parameter cell names (`ns["preset"]`, default `paper`), with
+    the fields set in namespace `ns` (the pipeline injects them with papermill) over it."""
     over = {f.name: ns[f.name] for f in fields(cls) if f.name in ns}
     return step_config(cls, **{**preset_values(cls, ns.get("preset", "paper")), **over})
 
+# %% ../nbs/02b_trainconfig.ipynb #2c6ae016
 def config_table(cls) -> str:
-    "A Markdown table of `cls`'s fields: default, source, meaning."
-    rows = [f"| `{f.name}` | `{f.default!r:.40}` | {f.metadata['source']} | {f.metadata['doc']} |" for f in fields(cls)]
-    return "\n".join(["| field | default | source | meaning |", "|---|---|---|---|", *rows])
+    "A Markdown table of config `cls`: each field's default (`paper`), the other presets' values, source, meaning."
+    others = [p for p in getattr(cls, "PRESETS", {}) if p != "paper"]
+    cell = lambda v: f"`{v!r:.40}`"
+    row = lambda f: [f"`{f.name}`", cell(f.default), *(cell(cls.PRESETS[p][f.name]) if f.name in cls.PRESETS[p] else ""
+                                                        for p in others), f.metadata["source"],
+                     f.metadata["doc"].replace("|", "\\|")]
+    rows = ["| " + " | ".join(row(f)) + " |" for f in fields(cls)]
+    head = ["field", "default (paper)", *others, "source", "meaning"]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *rows])
