@@ -302,9 +302,10 @@ STEP_CONFIGS = {   # notebook name -> "module:class" of its config
     "03_dpo": "anita.dpo:DPOStepConfig", "04_ita": "anita.ita:ITAStepConfig"}
 
 def step_config_class(notebook:str|Path):
-    "The config dataclass of step notebook `notebook` (by its name, in `STEP_CONFIGS`), or None."
+    """The config dataclass of step notebook `notebook` (by its name, in `STEP_CONFIGS`), or None; a notebook file that
+    exists must also take a `preset` (a notebook of your own under a shipped name has no config)."""
     ref = STEP_CONFIGS.get(Path(notebook).stem)
-    if ref is None: return None
+    if ref is None or Path(notebook).is_file() and "preset" not in notebook_params(notebook): return None
     import importlib
     mod, name = ref.split(":")
     return getattr(importlib.import_module(mod), name)
@@ -345,10 +346,10 @@ def resolve_preset(recipe:dict, name:str) -> dict:
     st = recipe["steps"][name]
     last = st.get("resolved", {})
     st["own"] = own = {**st.get("own", {}), **{k: v for k, v in st["params"].items() if k not in last or last[k] != v}}
-    cls = step_config_class(st["notebook"])
+    nb = Path(recipe["nbs_dir"])/st["notebook"] if recipe.get("nbs_dir") else None
+    cls = step_config_class(nb or st["notebook"])
     if cls is None: return st["params"]
     from anita.trainconfig import preset_values
-    nb = Path(recipe["nbs_dir"])/st["notebook"] if recipe.get("nbs_dir") else None
     preset = own.get("preset") or (nb and notebook_default(nb, "preset")) or "paper"
     try: values = preset_values(cls, preset)
     except ValueError as e: raise RecipeError(f"{recipe.get('path', 'recipe')}: step {name!r}: {e}") from None
@@ -398,7 +399,8 @@ def apply_sets(recipe:dict, sets=(), check_notebooks:bool=True, cwd=None) -> dic
         if expected is float and isinstance(v, str):
             with contextlib.suppress(ValueError): v = float(raw)
         check_step_refs(v, list(recipe["steps"]), where)
-        rule = field_rule(step_config_class(recipe["steps"][step]["notebook"]), key)
+        nb = recipe["steps"][step]["notebook"]
+        rule = field_rule(step_config_class(Path(recipe["nbs_dir"])/nb if recipe.get("nbs_dir") else nb), key)
         v = check_range(key, check_param(v, expected, where), where, rule)
         recipe["steps"][step]["params"][key] = local_path(v, cwd)
     for name in recipe["steps"]: resolve_preset(recipe, name)
