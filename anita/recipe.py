@@ -314,12 +314,14 @@ def step_config_class(notebook:str|Path):
 _FIELD_TYPES = dict(int=int, float=float, bool=bool, str=str, tuple=tuple, list=list, dict=dict)
 
 def config_schema(cls) -> dict:
-    "`name -> type` of the fields of config `cls` (None: any type), as `notebook_params` gives a notebook's."
+    """`name -> type` of the fields of config `cls` (None: any type), as `notebook_params` gives a notebook's; `str|None`
+    is any type, as a parameter cell's `x = None`, so that `--set data.sft_source=null` stays None."""
     from dataclasses import fields
     out = {}
     for f in fields(cls):
-        parts = [p.strip() for p in str(f.type).split("|") if p.strip() != "None"]
-        out[f.name] = _FIELD_TYPES.get(parts[0]) if len(parts) == 1 else None
+        parts = [p.strip() for p in str(f.type).split("|")]
+        kept = [p for p in parts if p != "None"]
+        out[f.name] = None if len(kept) != 1 or kept == ["str"] and "None" in parts else _FIELD_TYPES.get(kept[0])
     return out
 
 # %% ../nbs/11a_recipe.ipynb #8a8401a0

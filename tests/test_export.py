@@ -5,6 +5,7 @@ import pytest
 from conftest import SHARED
 
 ex = pytest.importorskip("anita.export")
+gc = pytest.importorskip("anita.gguf_check")   # reading and checking GGUF files
 # a conversion and a check per file: a few minutes on a quiet 2-core CPU, far more when the machine is shared
 pytestmark = pytest.mark.timeout(3600)
 
@@ -16,8 +17,8 @@ def converter():
 def embedded_export(converter, tmp_path_factory):
     "The embedded model exported to f16 and q8_0 (and q4_k_m with llama-cpp-python), checked."
     out = tmp_path_factory.mktemp("export")
-    types = ["f16", "q8_0"] + (["q4_k_m"] if ex.llama_cpp_available() else [])
-    return out, ex.export_model("embedded", out, types, prompts=ex.CHECK_PROMPTS[:2], max_new_tokens=8, log=lambda s: None)
+    types = ["f16", "q8_0"] + (["q4_k_m"] if gc.llama_cpp_available() else [])
+    return out, ex.export_model("embedded", out, types, prompts=gc.CHECK_PROMPTS[:2], max_new_tokens=8, log=lambda s: None)
 
 def test_converter_has_its_own_gguf(converter):
     import gguf
@@ -34,19 +35,19 @@ def test_round_trip_embedded(embedded_export):
     assert rep["passed"] and rep["eot_token"] == "<|im_end|>"
     assert rep["notes"] and "byte_fallback" in rep["notes"][0]        # the GGUF-loaded tokenizer was converted as byte-level BPE
     for t, f in rep["files"].items():
-        meta = ex.gguf_metadata(out/f["file"])
+        meta = gc.gguf_metadata(out/f["file"])
         assert (meta["architecture"], meta["tokenizer_model"], meta["pre_tokenizer"]) == ("llama", "gpt2", "smollm")
         assert meta["eot_token_id"] == 2 and "<|im_start|>" in meta["chat_template"]
         assert f["tokenizer_ok"] and f["n_tokens"] == 49152 and f["n_merges"] == 48900 and f["eot_token_id"] == 2
         assert f["transformers_same_tokens"] == 1 and not f["notes"]            # no rebuild difference on SmolLM2's `smollm`
-        assert f["rel_diff"] <= ex.TOLERANCE[t] and not f["failures"]
+        assert f["rel_diff"] <= gc.TOLERANCE[t] and not f["failures"]
     f16, q8 = rep["files"]["f16"], rep["files"]["q8_0"]
     assert f16["rel_diff"] < q8["rel_diff"] and q8["size_mb"] < 0.6*f16["size_mb"]
     assert f16["same_greedy_as_merged"] == 1
     assert json.loads((out/"export.json").read_text())["files"]["q8_0"]["rel_diff"] == q8["rel_diff"]
     assert not list(out.glob(".*.tmp")) and not list(out.glob(".stage.*"))
     assert "tokenizer_ok" in ex.export_table(rep)
-    if not ex.llama_cpp_available(): assert "llama-cpp-python" in ex.export_table(rep)
+    if not gc.llama_cpp_available(): assert "llama-cpp-python" in ex.export_table(rep)
 
 def test_existing_files_are_kept(embedded_export):
     out, rep = embedded_export
@@ -60,7 +61,7 @@ def test_check_can_fail(embedded_export):
     out, rep = embedded_export
     src = ex.source_dir("embedded")
     tok = AutoTokenizer.from_pretrained(str(src)); ref = AutoModelForCausalLM.from_pretrained(str(src)).eval()
-    r = ex.check_gguf(out/rep["files"]["q8_0"]["file"], "f32", ref, tok, ex.prompt_texts(tok, ex.CHECK_PROMPTS[:2]),
+    r = gc.check_gguf(out/rep["files"]["q8_0"]["file"], "f32", ref, tok, gc.prompt_texts(tok, gc.CHECK_PROMPTS[:2]),
                       "<|im_end|>", max_new_tokens=2, llama_cpp=False)
     assert any("relative difference" in m for m in r["failures"])
 
@@ -81,7 +82,7 @@ def test_errors(tmp_path, converter, monkeypatch):
     with pytest.raises(ValueError, match="k-quants"): ex.convert_to_gguf(ex.source_dir("embedded"), {"q4_k_m": tmp_path/"x.gguf"})
     monkeypatch.setenv("ANITA_CONVERTER_DIR", str(tmp_path/"empty"))
     with pytest.raises(FileNotFoundError, match="make install"): ex.export_model("embedded", tmp_path/"o", ["f16"])
-    if not ex.llama_cpp_available():
+    if not gc.llama_cpp_available():
         with pytest.raises(ModuleNotFoundError, match="llama-cpp-python"): ex.quantize_gguf(tmp_path/"a.gguf", tmp_path/"b.gguf")
 
 def test_converter_failure_names_the_log(tmp_path, converter):
@@ -117,15 +118,15 @@ def test_corrupted_tokenizer_fails(embedded_export, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(src)); ref = AutoModelForCausalLM.from_pretrained(str(src)).eval()
     bad = tmp_path/"bad-Q8_0.gguf"
     i = _corrupt(out/rep["files"]["q8_0"]["file"], bad, eot=1, token=100)
-    want = ex.source_tokenizer(src, tok, "<|im_end|>", n_vocab=49152)
-    assert ex.compare_tokenizers(ex.gguf_tokenizer(out/rep["files"]["q8_0"]["file"]), want) == []   # the original file agrees
-    fails = ex.compare_tokenizers(ex.gguf_tokenizer(bad), want)
+    want = gc.source_tokenizer(src, tok, "<|im_end|>", n_vocab=49152)
+    assert gc.compare_tokenizers(gc.gguf_tokenizer(out/rep["files"]["q8_0"]["file"]), want) == []   # the original file agrees
+    fails = gc.compare_tokenizers(gc.gguf_tokenizer(bad), want)
     assert fails == [f"tokenizer.ggml.token_type: 1 entry differs; first at [100]: 4 in the GGUF, 1 in the source",
                      f"tokenizer.ggml.merges: 2 entries differ; first at [{i}]: {want['merges'][i+1]!r} in the GGUF, {want['merges'][i]!r} in the source",
                      "tokenizer.ggml.eot_token_id: 1 in the GGUF, 2 in the source"]
-    r = ex.check_gguf(bad, "q8_0", ref, tok, ex.prompt_texts(tok, ex.CHECK_PROMPTS[:1]), "<|im_end|>", max_new_tokens=2,
+    r = gc.check_gguf(bad, "q8_0", ref, tok, gc.prompt_texts(tok, gc.CHECK_PROMPTS[:1]), "<|im_end|>", max_new_tokens=2,
                       llama_cpp=False, src=src)
-    assert not r["tokenizer_ok"] and r["failures"] == fails and r["rel_diff"] <= ex.TOLERANCE["q8_0"]
+    assert not r["tokenizer_ok"] and r["failures"] == fails and r["rel_diff"] <= gc.TOLERANCE["q8_0"]
 
 @pytest.mark.skipif(not (SHARED/"llama3"/"tokenizer.model").exists(), reason="needs the real Llama-3 tokenizer in ../shared")
 def test_tiny_llama3_end_of_turn(tiny_llama3_dir, tmp_path, converter):
@@ -133,11 +134,11 @@ def test_tiny_llama3_end_of_turn(tiny_llama3_dir, tmp_path, converter):
     transformers' rebuilt tokenizer splits '\\n\\n' differently, which is reported as a note and does not fail the export."""
     from transformers import AutoTokenizer
     rep = ex.export_model(tiny_llama3_dir, tmp_path, ["f16"], llama_cpp=False, log=lambda s: None)
-    f, meta = rep["files"]["f16"], ex.gguf_metadata(tmp_path/"anita-F16.gguf")
+    f, meta = rep["files"]["f16"], gc.gguf_metadata(tmp_path/"anita-F16.gguf")
     assert rep["passed"] and rep["eot_token"] == "<|eot_id|>" and meta["eot_token_id"] == 128009
     assert meta["pre_tokenizer"] == "llama-bpe" and meta["tokenizer_model"] == "gpt2"
     assert f["tokenizer_ok"] and (f["n_tokens"], f["n_merges"]) == (128256, 280147) and not f["failures"]
     assert AutoTokenizer.from_pretrained(tiny_llama3_dir)("\n\n", add_special_tokens=False).input_ids == [271]
     assert f["transformers_same_tokens"] < 1 and len(f["notes"]) == 1
     assert "'\\n\\n' is [271] in the source, [198, 198] there" in f["notes"][0] and "known difference" in f["notes"][0]
-    assert f["notes"][0] in ex.export_table(rep) and f["rel_diff"] <= ex.TOLERANCE["f16"]
+    assert f["notes"][0] in ex.export_table(rep) and f["rel_diff"] <= gc.TOLERANCE["f16"]

@@ -18,7 +18,7 @@ def test_backend_resolved_before_heavy_imports(nb):
     "In each step notebook the cell after `parameters` calls `prepare_backend`, and no earlier cell imports transformers & co."
     cells = [c for c in json.loads((ROOT/"nbs"/f"{nb}.ipynb").read_text())["cells"] if c["cell_type"] == "code"]
     i = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
-    assert "prepare_backend(backend, model)" in "".join(cells[i+1]["source"])
+    assert "prepare_backend(cfg.backend, cfg.model)" in "".join(cells[i+1]["source"])
     for c in cells[:i+2]:
         src = "".join(c["source"])
         for m in HEAVY: assert f"import {m}" not in src and f"from {m}" not in src, (nb, m, src[:80])

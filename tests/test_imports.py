@@ -120,3 +120,32 @@ def test_module_colon_name_strings_resolve():
     assert len(refs) >= 4, refs
     bad = sorted(f"anita.{m}:{n}" for m, n in refs if m in mods and n not in defs[m])
     assert bad == []
+
+def module_aliases(tree, pkg:str="anita") -> dict:
+    "`{name: module}` of the names a file binds to a module of `pkg` (`import pkg.m as x`, `from pkg import m`,"
+    " `x = pytest.importorskip('pkg.m')`)."
+    out = {}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            out.update({a.asname: a.name.split(".")[1] for a in n.names if a.asname and a.name.startswith(pkg + ".")})
+        elif isinstance(n, ast.ImportFrom) and n.module == pkg and n.level == 0:
+            out.update({a.asname or a.name: a.name for a in n.names})
+        elif (isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
+              and isinstance(n.value, ast.Call) and getattr(n.value.func, "attr", "") == "importorskip" and n.value.args
+              and isinstance(n.value.args[0], ast.Constant) and str(n.value.args[0].value).startswith(pkg + ".")):
+            out[n.targets[0].id] = n.value.args[0].value.split(".")[1]
+    return out
+
+def test_module_attributes_are_defined_there():
+    "`x.name` on a module alias in the tests and notebooks names something that module defines (not one it imports)."
+    mods = package_modules(ROOT/"anita")
+    defs = {m: top_defs(t) for m, t in mods.items()}
+    bad = []
+    for where, (tree, here) in project_sources(mods).items():
+        if here is not None: continue
+        alias = module_aliases(tree)
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and alias.get(n.value.id) in defs:
+                m = alias[n.value.id]
+                if n.attr not in defs[m] and not n.attr.startswith("__"): bad.append(f"{where}: {n.value.id}.{n.attr} (anita.{m})")
+    assert sorted(set(bad)) == []
