@@ -14,8 +14,8 @@ from .trainconfig import TrainStepConfig
 # %% auto #0
 __all__ = ['CPU_MAX_PARAMS', 'PATCHED_BY_UNSLOTH', 'DDP_TIMEOUT_S', 'has_module', 'estimate_params', 'cuda_diagnosis',
            'pick_backend', 'import_order_problems', 'prepare_backend', 'require_model_input', 'lora_config',
-           'local_device_map', 'world_size', 'pick_attn', 'load_for_training', 'init_distributed', 'on_rank0',
-           'all_ranks', 'TorchLogProbs', 'ensure_logprob_kernel']
+           'local_device_map', 'world_size', 'pick_attn', 'load_for_training', 'agent_store', 'init_distributed',
+           'on_rank0', 'all_ranks', 'TorchLogProbs', 'ensure_logprob_kernel']
 
 # %% ../nbs/02c_backends.ipynb #8beb8558
 def has_module(mod): return importlib_util.find_spec(mod) is not None
@@ -214,9 +214,19 @@ def load_for_training(model:str, backend:str="cpu", load_in_4bit:bool=TrainStepC
     m.config.use_cache = False  # a KV cache in the forward pass turns off packed-sequence masking: see below
     return get_peft_model(m, lora_config(**lora)), ensure_pad_token(tok)
 
-# %% ../nbs/02c_backends.ipynb #bb4a5eea
+# %% ../nbs/02c_backends.ipynb #8f3dc32e
 DDP_TIMEOUT_S = 3600   # how long a rank waits for the others (rank 0 merging an 8B model takes minutes)
 
+def agent_store():
+    """A client of the key-value store torchrun's agent keeps for its processes (at `MASTER_ADDR`:`MASTER_PORT`), or None
+    when the processes were not started with one (`TORCHELASTIC_USE_AGENT_STORE`)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True": return None
+    import torch.distributed as dist
+    from datetime import timedelta
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=DDP_TIMEOUT_S))
+
+# %% ../nbs/02c_backends.ipynb #bb4a5eea
 def init_distributed(gpu:bool=False # NCCL on this process's GPU (`LOCAL_RANK`), else gloo on the CPU
                     ) -> bool:
     "Join the group of the training processes from torchrun's environment; False when there is one process."
@@ -227,8 +237,8 @@ def init_distributed(gpu:bool=False # NCCL on this process's GPU (`LOCAL_RANK`),
         if gpu: torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         kw = dict(timeout=timedelta(seconds=DDP_TIMEOUT_S))
         prefix = os.environ.get("ANITA_PG_PREFIX")   # set by anita-run for each step it runs under torchrun
-        if prefix and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, **kw)
+        store = agent_store() if prefix else None
+        if store is not None:
             kw.update(store=dist.PrefixStore(prefix, store), rank=int(os.environ["RANK"]), world_size=world_size())
         dist.init_process_group("nccl" if gpu else "gloo", **kw)
     return True

@@ -311,8 +311,6 @@ def step_config_class(notebook:str|Path):
     return getattr(importlib.import_module(mod), name)
 
 # %% ../nbs/11a_recipe.ipynb #9d8ed657
-_FIELD_TYPES = dict(int=int, float=float, bool=bool, str=str, tuple=tuple, list=list, dict=dict)
-
 def config_schema(cls) -> dict:
     """`name -> type` of the fields of config `cls` (None: any type), as `notebook_params` gives a notebook's; `str|None`
     is any type, as a parameter cell's `x = None`, so that `--set data.sft_source=null` stays None."""
@@ -321,7 +319,7 @@ def config_schema(cls) -> dict:
     for f in fields(cls):
         parts = [p.strip() for p in str(f.type).split("|")]
         kept = [p for p in parts if p != "None"]
-        out[f.name] = None if len(kept) != 1 or kept == ["str"] and "None" in parts else _FIELD_TYPES.get(kept[0])
+        out[f.name] = None if len(kept) != 1 or kept == ["str"] and "None" in parts else _TYPES.get(kept[0])
     return out
 
 # %% ../nbs/11a_recipe.ipynb #8a8401a0

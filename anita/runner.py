@@ -168,15 +168,13 @@ def launch_store():
     attempt's prefix), or None with one process."""
     n = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if n < 2: return None
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    from anita.backends import agent_store
+    store = agent_store()
+    if store is None:
         raise UsageError(f"WORLD_SIZE={n} but no torchrun agent store (TORCHELASTIC_USE_AGENT_STORE): "
                          "start the processes with `torchrun --nproc_per_node N -m anita.pipeline -- ...` "
                          "or `accelerate launch`, and leave TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset")
     import torch.distributed as dist
-    from datetime import timedelta
-    from anita.backends import DDP_TIMEOUT_S
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=timedelta(seconds=DDP_TIMEOUT_S))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"anita-run/{attempt}/", store)
 
