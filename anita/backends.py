@@ -115,7 +115,8 @@ def import_order_problems(modules=None) -> list:
 def prepare_backend(backend:str="auto", # auto | unsloth | hf | cpu
                     model:str=None     # the model to train (see `pick_backend`)
                    ) -> str:
-    "Resolve the backend; for unsloth import it now, before transformers, TRL and peft (refuse if they are already loaded)."
+    """Resolve the backend; for unsloth import it now, before transformers, TRL and peft (refuse if they are already
+    loaded). Under torchrun, join the processes' group now, before any cell builds a trainer (`init_distributed`)."""
     b = pick_backend(backend, model)
     if b == "unsloth":
         late = import_order_problems()
@@ -124,6 +125,7 @@ def prepare_backend(backend:str="auto", # auto | unsloth | hf | cpu
                                "has already imported: call `prepare_backend` first (in a notebook, restart the "
                                "kernel and run it in the cell after the parameters)")
         import unsloth  # noqa: F401  (patches transformers, trl and peft)
+    init_distributed(b in ("unsloth", "hf"))   # one process: nothing
     return b
 
 # %% ../nbs/02c_backends.ipynb #d43c111d

@@ -60,10 +60,21 @@ assert init_distributed(False)
 dist.barrier()   # and exit without leaving the group, as a step's kernel does
 """
 
-def _join_round(port, prefix, slow_rank0, tmp_path):
+_ACCELERATE_JOINS = """
+import sys, time
+import torch.distributed as dist
+from anita.backends import prepare_backend
+time.sleep(float(sys.argv[1]))
+assert prepare_backend("cpu") == "cpu"   # the cell after `parameters`
+from accelerate import PartialState
+PartialState()   # what building `TrainingArguments` in a check cell does: joins the default way unless a group exists
+dist.barrier()
+"""
+
+def _join_round(port, prefix, slow_rank0, tmp_path, script=_JOIN):
     "Two processes join a gloo group in a store like torchrun's agent store, rank 0 late by `slow_rank0` s; their exit codes."
     import os, subprocess, sys
-    script = tmp_path/"join.py"; script.write_text(_JOIN)
+    code, script = script, tmp_path/"join.py"; script.write_text(code)
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "TORCHELASTIC_USE_AGENT_STORE": "True", "OMP_NUM_THREADS": "1"}
     if prefix: env["ANITA_PG_PREFIX"] = prefix
@@ -86,4 +97,19 @@ def test_each_step_joins_its_own_group(tmp_path):
     assert rcs == [0, 0], out
     rcs, out = _join_round(port, "anita-pg/0/1/04_ita/", 4, tmp_path)   # the next step: rank 0 arrives 4 s late
     assert rcs == [0, 0], out
+    del agent
+
+def test_the_notebook_joins_before_accelerate(tmp_path):
+    """CI, 2026-12-05, after the fix above: rank 1 of the DPO step failed the same way in a check cell, where building
+    `TrainingArguments` made accelerate join the group without the prefix. `prepare_backend` (the cell after the
+    parameters) now joins first, under the prefix, and accelerate uses that group."""
+    pytest.importorskip("accelerate")
+    import socket, torch.distributed as dist
+    from datetime import timedelta
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    agent = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=60))
+    for prefix, late in (("anita-pg/0/0/02_sft/", 0), ("anita-pg/0/1/03_dpo/", 4)):
+        rcs, out = _join_round(port, prefix, late, tmp_path, _ACCELERATE_JOINS)
+        assert rcs == [0, 0], out
     del agent
