@@ -83,33 +83,32 @@ def _join_round(port, prefix, slow_rank0, tmp_path, script=_JOIN):
                            stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     return [p.wait(timeout=120) for p in ps], [p.stdout.read()[-2000:] for p in ps]
 
-def test_each_step_joins_its_own_group(tmp_path):
-    """CI, 2026-12-05: under one torchrun launch the Italian step's rank 1 read the address rank 0's DPO kernel had left in
-    the agent store and failed ("Connection refused"): torch 2.13 keeps every kernel's group in the same store. With
-    `ANITA_PG_PREFIX` (anita-run sets one per step) a late rank 0 in the second step is waited for, not a dead address."""
-    torch = pytest.importorskip("torch")
-    import socket, torch.distributed as dist
-    from datetime import timedelta
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    agent = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=60))   # torchrun's agent store
-    rcs, out = _join_round(port, "anita-pg/0/0/03_dpo/", 0, tmp_path)
-    assert rcs == [0, 0], out
-    rcs, out = _join_round(port, "anita-pg/0/1/04_ita/", 4, tmp_path)   # the next step: rank 0 arrives 4 s late
-    assert rcs == [0, 0], out
-    del agent
-
-def test_the_notebook_joins_before_accelerate(tmp_path):
-    """CI, 2026-12-05, after the fix above: rank 1 of the DPO step failed the same way in a check cell, where building
-    `TrainingArguments` made accelerate join the group without the prefix. `prepare_backend` (the cell after the
-    parameters) now joins first, under the prefix, and accelerate uses that group."""
-    pytest.importorskip("accelerate")
+@pytest.fixture
+def agent_port():
+    "The port of a store like torchrun's agent store, kept open for the test."
+    pytest.importorskip("torch")
     import socket, torch.distributed as dist
     from datetime import timedelta
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     agent = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=60))
-    for prefix, late in (("anita-pg/0/0/02_sft/", 0), ("anita-pg/0/1/03_dpo/", 4)):
-        rcs, out = _join_round(port, prefix, late, tmp_path, _ACCELERATE_JOINS)
-        assert rcs == [0, 0], out
+    yield port
     del agent
+
+def test_each_step_joins_its_own_group(tmp_path, agent_port):
+    """CI, 2026-12-05: under one torchrun launch the Italian step's rank 1 read the address rank 0's DPO kernel had left in
+    the agent store and failed ("Connection refused"): torch 2.13 keeps every kernel's group in the same store. With
+    `ANITA_PG_PREFIX` (anita-run sets one per step) a late rank 0 in the second step is waited for, not a dead address."""
+    rcs, out = _join_round(agent_port, "anita-pg/0/0/03_dpo/", 0, tmp_path)
+    assert rcs == [0, 0], out
+    rcs, out = _join_round(agent_port, "anita-pg/0/1/04_ita/", 4, tmp_path)   # the next step: rank 0 arrives 4 s late
+    assert rcs == [0, 0], out
+
+def test_the_notebook_joins_before_accelerate(tmp_path, agent_port):
+    """CI, 2026-12-05, after the fix above: rank 1 of the DPO step failed the same way in a check cell, where building
+    `TrainingArguments` made accelerate join the group without the prefix. `prepare_backend` (the cell after the
+    parameters) now joins first, under the prefix, and accelerate uses that group."""
+    pytest.importorskip("accelerate")
+    for prefix, late in (("anita-pg/0/0/02_sft/", 0), ("anita-pg/0/1/03_dpo/", 4)):
+        rcs, out = _join_round(agent_port, prefix, late, tmp_path, _ACCELERATE_JOINS)
+        assert rcs == [0, 0], out
